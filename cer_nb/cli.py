@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, contextlib, json, os, sys, time, warnings
 from pathlib import Path
 import cer_nb
-from .core import LABEL_SETS, RAFDB_COMPOUND, ABAW_COMPOUND
+from .core import LABEL_SETS, RAFDB_COMPOUND, ABAW_COMPOUND, write_atomic
 from .prompts import PROMPT_VARIANTS, DEFAULT_VARIANT
 
 # %% auto 0
@@ -224,10 +224,7 @@ PREDICTION_FORMATS = ('.csv', '.json')
 
 def _write_csv(df, path:Path) -> Path:
     "Write DataFrame `df` to CSV file `path` through a temporary file beside it."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    df.to_csv(tmp, index=False); os.replace(tmp, path)
-    return path
+    return write_atomic(path, df.to_csv(index=False))
 
 def write_predictions(table, # from `predictions_table`
                       path, # FILE.csv or FILE.json

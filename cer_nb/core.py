@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 # %% auto 0
 __all__ = ['RAFDB_BASIC', 'RAFDB_COMPOUND', 'ABAW_COMPOUND', 'LABEL_SETS', 'ADVERBS', 'ADJECTIVES', 'COMPONENTS', 'RAFDB_TO_ABAW',
-           'LabelSet', 'compound_components', 'canonical_label', 'find_label']
+           'LabelSet', 'compound_components', 'canonical_label', 'find_label', 'write_atomic']
 
 # %% ../nbs/00_core.ipynb 6
 @dataclass(frozen=True)
@@ -107,3 +107,20 @@ def find_label(text:str, # free text, e.g. a generated answer
     # a basic word that is only part of a compound found alongside it is not a second answer
     found = {l for l in found if not any(l != o and COMPONENTS.get(o) and l in COMPONENTS[o] for o in found)}
     return found.pop() if len(found) == 1 else None
+
+# %% ../nbs/00_core.ipynb 27
+import os, uuid
+from pathlib import Path
+
+def write_atomic(path, # the file to (over)write; its folder is created if missing
+                 data:str|bytes, # the whole new content (text is written as UTF-8)
+                ) -> Path:
+    "Write `data` to `path` all at once: through a temporary file that replaces `path` only when complete."
+    if not isinstance(data, (str, bytes)): raise TypeError(f"write_atomic({str(path)!r}) needs str or bytes, got {type(data).__name__}")
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        tmp.write_bytes(data.encode('utf-8') if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+    return path

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 import pandas as pd
-from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, LabelSet, canonical_label
+from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, LabelSet, canonical_label, write_atomic
 
 # %% auto 0
 __all__ = ['RAFDB_SUBSETS', 'RAFDB_LABEL_FILE', 'RAFDB_ATTRIBUTES', 'ABAW_CLASS_NAMES', 'VIDEO_EXTENSIONS',
@@ -25,17 +25,6 @@ def _lines(path:Path) -> list[tuple[int, str]]:
         with open(path, encoding='utf-8-sig') as f: text = f.read()
     except (FileNotFoundError, IsADirectoryError): raise FileNotFoundError(f"no file {path}") from None
     return [(i, l.strip()) for i, l in enumerate(text.splitlines(), 1) if l.strip()]
-
-def _write_atomic(path:Path, text:str):
-    "Write `text` to `path` through a temporary file in the same folder and `os.replace`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')  # not mkstemp: its files are private (0600)
-    try:
-        with open(tmp, 'x', newline='\n') as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
 
 # %% ../nbs/01_data.ipynb 9
 RAFDB_SUBSETS = {'basic': RAFDB_BASIC, 'compound': RAFDB_COMPOUND}
@@ -345,7 +334,7 @@ def write_abaw_submission(rows, # DataFrame with `video`, `frame` and a predicti
         try: lines.append(f'{loc},{abaw_class_index(pred)}')
         except ValueError as e: raise ValueError(f"{where} ({loc}): {e}") from None
         seen.add(loc)
-    _write_atomic(path, '\n'.join(lines) + '\n')
+    write_atomic(path, '\n'.join(lines) + '\n')
     return Path(path)
 
 # %% ../nbs/01_data.ipynb 55

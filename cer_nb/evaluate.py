@@ -4,8 +4,7 @@
 
 # %% ../nbs/07_evaluate.ipynb 4
 from __future__ import annotations
-import json, math, os, tempfile
-from contextlib import contextmanager
+import io, json, math
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -14,7 +13,7 @@ import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, recall_score
-from .core import ABAW_COMPOUND, COMPONENTS, RAFDB_BASIC, RAFDB_COMPOUND, LabelSet, canonical_label
+from .core import ABAW_COMPOUND, COMPONENTS, RAFDB_BASIC, RAFDB_COMPOUND, LabelSet, canonical_label, write_atomic
 
 # %% auto 0
 __all__ = ['NO_ANSWER', 'WRONG_PARTS', 'classification_metrics', 'top_labels', 'abaw_f1', 'confusion_table', 'plot_confusion',
@@ -161,21 +160,6 @@ def plot_confusions(y_true, y_pred, labels:LabelSet, # as for `plot_confusion`
     return fig
 
 # %% ../nbs/07_evaluate.ipynb 28
-@contextmanager
-def _atomic_path(path) -> Path:
-    "A temporary path beside `path` to write to; moved onto `path` only when the block finishes without error."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-
 def save_figure(fig:plt.Figure, # the figure
                 path, # where to write it; the extension picks the format (.png, .pdf, .svg)
                 dpi:int=150, # resolution of raster formats
@@ -184,8 +168,8 @@ def save_figure(fig:plt.Figure, # the figure
     "Write `fig` to `path` atomically (tight bounding box) and return the path."
     path = Path(path)
     if not path.suffix: raise ValueError(f"{path} has no extension to choose the image format from (.png, .pdf, .svg)")
-    with _atomic_path(path) as tmp: fig.savefig(tmp, format=path.suffix[1:], dpi=dpi, bbox_inches='tight', **kwargs)
-    return path
+    buf = io.BytesIO(); fig.savefig(buf, format=path.suffix[1:], dpi=dpi, bbox_inches='tight', **kwargs)
+    return write_atomic(path, buf.getvalue())
 
 # %% ../nbs/07_evaluate.ipynb 32
 WRONG_PARTS = ('secondary', 'dominant', 'both', 'unparseable')  # what a wrong answer on a compound lost
@@ -381,5 +365,4 @@ def write_json(obj, # metrics: dicts, lists, numbers, numpy values, DataFrames, 
               ) -> Path:
     "Write `obj` as JSON to `path` atomically, converting numpy and pandas values; NaN becomes null."
     text = json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False) + '\n'
-    with _atomic_path(path) as tmp: tmp.write_text(text, encoding='utf-8')
-    return Path(path)
+    return write_atomic(path, text)

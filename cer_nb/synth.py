@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import cv2
 from PIL import Image
-from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, COMPONENTS, canonical_label
+from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, COMPONENTS, canonical_label, write_atomic
 from .align import canonical_landmarks, similarity_transform
 
 # %% auto 0
@@ -439,13 +439,6 @@ def _split_labels(counts:dict, test_fraction:float, rng) -> dict[str, list[str]]
         splits['test'] += [label] * n_test; splits['train'] += [label] * (c - n_test)
     return {k: [v[i] for i in rng.permutation(len(v))] for k, v in splits.items()}
 
-def _write_atomic(path:Path, data:bytes|str):
-    "Write `data` to `path` via a temporary file in the same folder, so a reader never sees half a file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    with os.fdopen(fd, 'wb') as f: f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
 def _jpeg_bytes(img, quality): return cv2.imencode('.jpg', np.ascontiguousarray(img[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])[1].tobytes()
 
 def _build_dataset(root:Path, marker:str, params:dict, parts:tuple, build) -> Path:
@@ -489,10 +482,10 @@ _RAFDB_SUBSETS = {'basic': (RAFDB_BASIC, RAFDB_BASIC_TRAIN_COUNTS, {'train': 5, 
 
 def _write_rafdb_picture(sub:Path, name:str, pic:dict, labels) -> dict:
     stem, q = name[:-4], pic['view']['jpeg']
-    _write_atomic(sub/'Image'/'original'/name, _jpeg_bytes(pic['original'], q))
-    _write_atomic(sub/'Image'/'aligned'/f'{stem}_aligned.jpg', _jpeg_bytes(pic['aligned'], q))
+    write_atomic(sub/'Image'/'original'/name, _jpeg_bytes(pic['original'], q))
+    write_atomic(sub/'Image'/'aligned'/f'{stem}_aligned.jpg', _jpeg_bytes(pic['aligned'], q))
     idt = pic['identity']
-    _write_atomic(sub/'Annotation'/'manual'/f'{stem}_manu_attri.txt',
+    write_atomic(sub/'Annotation'/'manual'/f'{stem}_manu_attri.txt',
                   ''.join(f'{x:.2f}\t{y:.2f}\n' for x, y in pic['landmarks']) + f"{idt['gender']}\n{idt['race']}\n{idt['age']}\n")
     return dict(name=name, label=pic['label'], label_id=labels.id_of(pic['label']), aus=json.dumps(pic['aus']),
                 description=describe_aus(pic['aus']), gender=idt['gender'], race=idt['race'], age=idt['age'], yaw=round(pic['view']['yaw'], 3),
@@ -522,9 +515,9 @@ def make_synthetic_rafdb(root:str|Path, # folder to write (created if missing)
                     name = f'{split}_{i+1:0{digits[split]}d}.jpg'
                     rows.append(dict(subset=subset, split=split, **_write_rafdb_picture(out/subset, name, pic, labels)))
                     lines.append(f'{name} {labels.id_of(label)}\n')
-            _write_atomic(out/subset/'EmoLabel'/'list_patition_label.txt', ''.join(lines))
-        _write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
-        _write_atomic(out/'synthetic_rafdb.json', json.dumps(params))
+            write_atomic(out/subset/'EmoLabel'/'list_patition_label.txt', ''.join(lines))
+        write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
+        write_atomic(out/'synthetic_rafdb.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_rafdb.json', params, (*_RAFDB_SUBSETS, 'synthetic_meta.csv'), build)
 
 # %% ../nbs/00b_synth.ipynb 86
@@ -598,10 +591,10 @@ def make_synthetic_cexpr(root:str|Path, # folder to write (created if missing)
                 writer = cv2.VideoWriter(str(out/'videos'/f'{name}.mp4'), cv2.VideoWriter_fourcc(*'mp4v'), fps, tuple(frame_size))
             for t, (full, crop, c, info) in enumerate(_video_frames(rng, frames, classes, frame_size, size)):
                 if writer is not None: writer.write(np.ascontiguousarray(full[..., ::-1]))
-                if 'frames' in write: _write_atomic(out/'cropped_aligned'/name/f'{t+1:05d}.jpg', _jpeg_bytes(crop, 92))
+                if 'frames' in write: write_atomic(out/'cropped_aligned'/name/f'{t+1:05d}.jpg', _jpeg_bytes(crop, 92))
                 labels.append(c); rows.append(dict(video=name, frame=f'{t+1:05d}.jpg', label=c, **info))
             if writer is not None: writer.release()
-            _write_atomic(out/'annotations'/f'{name}.txt', header + '\n' + ''.join(f'{c}\n' for c in labels))
-        _write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
-        _write_atomic(out/'synthetic_cexpr.json', json.dumps(params))
+            write_atomic(out/'annotations'/f'{name}.txt', header + '\n' + ''.join(f'{c}\n' for c in labels))
+        write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
+        write_atomic(out/'synthetic_cexpr.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_cexpr.json', params, ('videos', 'cropped_aligned', 'annotations', 'synthetic_meta.csv'), build)
