@@ -16,8 +16,8 @@ from .prompts import chat_messages, DEFAULT_VARIANT
 from .model import load_lvlm, AnswerCollator
 
 # %% auto 0
-__all__ = ['prompt_batch', 'answer_ids', 'label_logprobs', 'generate_answers', 'read_run', 'clear_checkpoints', 'load_checkpoint',
-           'Prediction', 'predict']
+__all__ = ['prompt_batch', 'answer_ids', 'candidates_mask', 'label_logprobs', 'generate_answers', 'read_run', 'clear_checkpoints',
+           'load_checkpoint', 'Prediction', 'predict']
 
 # %% ../nbs/06_infer.ipynb 8
 def prompt_batch(model, # the LVLM (its device receives the batch)
@@ -54,6 +54,18 @@ def _rope_deltas(model) -> torch.Tensor:
     return torch.zeros(1, 1, dtype=torch.long) if deltas is None else deltas
 
 # %% ../nbs/06_infer.ipynb 15
+def candidates_mask(prompt_mask:torch.Tensor, # (n, prompt length) padding mask of the prompts
+                    k:int, # number of candidate labels
+                    t:int, # tokens fed per candidate
+                    dtype=torch.float32, # the model's dtype
+                   ) -> torch.Tensor:
+    "(n, 1, k*t, prompt+k*t) additive attention mask: each candidate's tokens see the unpadded prompt and their own earlier tokens."
+    own = torch.block_diag(*[torch.ones(t, t, dtype=torch.bool, device=prompt_mask.device).tril()] * k)
+    n = len(prompt_mask)
+    seen = torch.cat([prompt_mask.bool()[:, None, :].expand(n, k * t, -1), own.expand(n, -1, -1)], 2)[:, None]
+    return torch.zeros(seen.shape, dtype=dtype, device=prompt_mask.device).masked_fill(~seen, torch.finfo(dtype).min)
+
+# %% ../nbs/06_infer.ipynb 17
 @torch.no_grad()
 def label_logprobs(model, # the LVLM, in eval mode
                    processor, # the model's processor
@@ -65,21 +77,23 @@ def label_logprobs(model, # the LVLM, in eval mode
                   ) -> torch.Tensor:
     "(n_images, n_labels) log-likelihood of each label's answer given each face and the prompt."
     if not len(images): return torch.empty(0, len(labels))
+    if model.config._attn_implementation not in ('sdpa', 'eager'):
+        raise ValueError(f"label scoring needs attention masks, which {model.config._attn_implementation!r} does not take: load the model with attn_implementation='sdpa'")
     b = prompt_batch(model, processor, images, labels, variant, image_size)
     out = model(**b, use_cache=True, logits_to_keep=1)
     ids, mask = (t.to(model.device) for t in answer_ids(processor, labels))
-    (n, k), dev = (len(images), len(labels)), model.device
-    cache = out.past_key_values; cache.batch_repeat_interleave(k)  # rows: face 0 x each label, face 1 x each label, ...
-    start = b['attention_mask'].sum(1, keepdim=True) + _rope_deltas(model).to(dev)
-    pos = (start.repeat_interleave(k, 0) + torch.arange(ids.shape[1], device=dev)).unsqueeze(0).expand(3, -1, -1)
-    att = torch.cat([b['attention_mask'].repeat_interleave(k, 0), mask.repeat(n, 1)], 1)
-    logits = model(input_ids=ids.repeat(n, 1), attention_mask=att, position_ids=pos, past_key_values=cache).logits
-    logits = torch.cat([out.logits[:, -1:].repeat_interleave(k, 0), logits[:, :-1]], 1).float()
-    tok_lp = logits.log_softmax(-1).gather(-1, ids.repeat(n, 1)[..., None])[..., 0] * mask.repeat(n, 1)
-    lp = tok_lp.sum(1) / (mask.sum(1).repeat(n) if per_token else 1)
-    return lp.view(n, k).cpu()
+    (n, k), t, dev = (len(images), len(labels)), ids.shape[1] - 1, model.device
+    lp = out.logits[:, -1].float().log_softmax(-1)[:, ids[:, 0]]  # every label's first token, from the prompt
+    if t:
+        start = b['attention_mask'].sum(1, keepdim=True) + _rope_deltas(model).to(dev)
+        pos = (start + torch.arange(t, device=dev).repeat(k)).unsqueeze(0).expand(3, -1, -1)
+        att = candidates_mask(b['attention_mask'], k, t, model.get_input_embeddings().weight.dtype)
+        logits = model(input_ids=ids[:, :-1].reshape(1, -1).expand(n, -1), attention_mask=att, position_ids=pos,
+                       past_key_values=out.past_key_values).logits.float().log_softmax(-1).view(n, k, t, -1)
+        lp = lp + (logits.gather(-1, ids[None, :, 1:, None].expand(n, -1, -1, 1))[..., 0] * mask[:, 1:]).sum(-1)
+    return (lp / (mask.sum(1) if per_token else 1)).cpu()
 
-# %% ../nbs/06_infer.ipynb 21
+# %% ../nbs/06_infer.ipynb 23
 @torch.no_grad()
 def generate_answers(model, # the LVLM, in eval mode
                      processor, # the model's processor
@@ -96,7 +110,7 @@ def generate_answers(model, # the LVLM, in eval mode
     out = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return [s.strip() for s in tok.batch_decode(out[:, b['input_ids'].shape[1]:], skip_special_tokens=True)]
 
-# %% ../nbs/06_infer.ipynb 25
+# %% ../nbs/06_infer.ipynb 27
 def read_run(checkpoint) -> dict:
     "What a checkpoint is: a run's `cer_nb.json` (with `path`), or the defaults for a plain base model."
     p = Path(checkpoint).expanduser()
@@ -107,7 +121,7 @@ def read_run(checkpoint) -> dict:
     return {'stage': 'base', 'base_model': str(p.resolve()) if p.exists() else str(checkpoint), 'merge_before': [],
             'labels': None, 'variant': DEFAULT_VARIANT, 'image_size': None, 'max_pixels': 224 * 224, 'path': None}
 
-# %% ../nbs/06_infer.ipynb 27
+# %% ../nbs/06_infer.ipynb 29
 _LOADED: dict = {}
 
 def clear_checkpoints():
@@ -131,7 +145,7 @@ def load_checkpoint(checkpoint, # a run directory, a base model folder, or a Hub
         _LOADED[key] = (model.eval(), processor, info)
     return _LOADED[key]
 
-# %% ../nbs/06_infer.ipynb 37
+# %% ../nbs/06_infer.ipynb 39
 @dataclass
 class Prediction:
     "The model's answer about one face."
@@ -139,7 +153,7 @@ class Prediction:
     probs: dict[str, float]|None = None  # probability of each label (method 'score'), else None
     answer: str|None = None  # the generated text (method 'generate'), else None
 
-# %% ../nbs/06_infer.ipynb 39
+# %% ../nbs/06_infer.ipynb 41
 def _image_list(images) -> list:
     "`images` as a list: one image (path, PIL image, HxW(xC) array) becomes a list of one."
     if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)): return [images]
@@ -157,7 +171,7 @@ def _label_set(labels, info:dict) -> LabelSet:
     if labels not in LABEL_SETS: raise ValueError(f"unknown label set {labels!r}; expected one of {list(LABEL_SETS)} or a LabelSet")
     return LABEL_SETS[labels]
 
-# %% ../nbs/06_infer.ipynb 40
+# %% ../nbs/06_infer.ipynb 42
 def predict(images, # one face or a list: paths, PIL images (any mode), numpy arrays
             checkpoint, # a run directory, a base model folder or a Hub id
             labels:LabelSet|str|None=None, # the classes to choose among; None: the run's (required for a base model)

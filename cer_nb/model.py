@@ -16,7 +16,7 @@ from .align import load_image
 # %% auto 0
 __all__ = ['QWEN2VL_CHAT_TEMPLATE', 'FAMILIES', 'QWEN2VL_SPECIAL_TOKENS', 'LORA_PRESETS', 'Family', 'family_of',
            'ImageOnlyQwen2VLProcessor', 'torchvision_available', 'load_processor', 'load_lvlm', 'tiny_qwen2vl_config',
-           'make_tiny_lvlm', 'AnswerCollator', 'lora_config']
+           'make_tiny_lvlm', 'AnswerCollator', 'pixel_table', 'PreparedExamples', 'lora_config']
 
 # %% ../nbs/03_model.ipynb 6
 @dataclass(frozen=True)
@@ -172,11 +172,14 @@ class AnswerCollator:
     def __init__(self, processor, # the model's processor
                  labels:LabelSet|None=None, # the label set the prompt lists (None: examples carry their own 'prompt')
                  variant:str='context', # prompt variant, see `cer_nb.prompts`
-                 image_size:int|None=None): # resize images to this square size first (None: keep)
+                 image_size:int|None=None, # resize images to this square size first (None: keep)
+                 answer_logits_only:bool=False): # training: the model computes logits at the answer positions only
         self.processor, self.labels, self.variant, self.image_size = processor, labels, variant, image_size
+        self.answer_logits_only = answer_logits_only
         tok = processor.tokenizer
         self.header = tok('<|im_start|>assistant\n', add_special_tokens=False).input_ids
         self.end_id = tok.convert_tokens_to_ids('<|im_end|>')
+        self.texts = {}  # (prompt, answer, image grid) -> token ids, labels and other per-token inputs
 
     def image(self, image) -> Image.Image:
         img = load_image(image)
@@ -203,17 +206,89 @@ def answer_mask(self:AnswerCollator, ids:torch.Tensor) -> torch.Tensor:
     mask[starts[-1]: starts[-1] + (ends[0].item() + 1 if len(ends) else n)] = True
     return mask
 
-# %% ../nbs/03_model.ipynb 24
-@patch
-def __call__(self:AnswerCollator, examples:list[dict]) -> dict:
-    texts = [self.processor.apply_chat_template(self.messages(e), tokenize=False) for e in examples]
-    self.processor.tokenizer.padding_side = 'right'
-    batch = self.processor(text=texts, images=[self.image(e['image']) for e in examples], return_tensors='pt', padding=True)
-    keep = torch.stack([self.answer_mask(row) for row in batch['input_ids']]) & batch['attention_mask'].bool()
-    batch['labels'] = batch['input_ids'].masked_fill(~keep, -100)
-    return batch
+# %% ../nbs/03_model.ipynb 25
+import math
+import numpy as np
 
-# %% ../nbs/03_model.ipynb 29
+def pixel_table(image_processor) -> torch.Tensor|None:
+    "(channels, 256) normalised value of each 8-bit pixel value, read off `image_processor`; None if no such table reproduces it."
+    try:
+        factor = image_processor.patch_size * image_processor.merge_size
+        side = factor * max(1, math.ceil(math.sqrt(max(image_processor.size['shortest_edge'], 256)) / factor))
+        ramp = ((np.arange(side * side)[:, None] + np.array([0, 85, 170])) % 256).astype(np.uint8).reshape(side, side, 3)
+        raw = image_processor(images=[Image.fromarray(ramp)], do_rescale=False, do_normalize=False, return_tensors='pt')['pixel_values']
+        norm = image_processor(images=[Image.fromarray(ramp)], return_tensors='pt')['pixel_values']
+    except Exception: return None
+    if raw.shape != norm.shape or raw.shape[1] % 3 or not torch.equal(raw, raw.round()): return None
+    channel = torch.arange(3).repeat_interleave(raw.shape[1] // 3).expand_as(raw)  # patches are channel-major
+    table = torch.full((3, 256), float('nan'))
+    table[channel, raw.long()] = norm
+    return table if not table.isnan().any() and torch.equal(table[channel, raw.long()], norm) else None
+
+# %% ../nbs/03_model.ipynb 28
+@patch(as_prop=True)
+def table(self:AnswerCollator) -> torch.Tensor|None:
+    "The processor's `pixel_table`, read on first use."
+    if '_table' not in self.__dict__: self._table = pixel_table(self.processor.image_processor)
+    return self._table
+
+# %% ../nbs/03_model.ipynb 30
+@patch
+def prepare(self:AnswerCollator, example:dict) -> dict:
+    "One example's model inputs, computed once: token ids, answer-only `labels`, and its image's patches (8-bit where exact)."
+    img = self.image(example['image'])
+    pix = self.processor.image_processor(images=[img], return_tensors='pt', **({} if self.table is None else dict(do_rescale=False, do_normalize=False)))
+    key = (example.get('prompt'), example['answer'], tuple(pix['image_grid_thw'][0].tolist()))
+    if key not in self.texts:
+        b = self.processor(text=[self.processor.apply_chat_template(self.messages(example), tokenize=False)], images=[img], return_tensors='pt')
+        ids = b['input_ids'][0]
+        self.texts[key] = {'input_ids': ids, **{k: v[0] for k, v in b.items() if k not in ('input_ids', 'attention_mask', 'pixel_values', 'image_grid_thw')},
+                           'labels': ids.masked_fill(~self.answer_mask(ids), -100)}
+    px = pix['pixel_values'] if self.table is None else pix['pixel_values'].to(torch.uint8)
+    return {**self.texts[key], 'pixel_values': px, 'image_grid_thw': pix['image_grid_thw']}
+
+# %% ../nbs/03_model.ipynb 32
+from transformers import BatchFeature
+
+@patch
+def pad(self:AnswerCollator, examples:list[dict]) -> BatchFeature:
+    "Right-pad prepared examples into a batch; pixels normalised here."
+    lengths = torch.tensor([len(e['input_ids']) for e in examples])
+    n, L = len(examples), int(lengths.max())
+    fill = {'input_ids': self.processor.tokenizer.pad_token_id, 'labels': -100}
+    rows = {k: torch.full((n, L), fill.get(k, 0), dtype=examples[0][k].dtype) for k in examples[0] if k not in ('pixel_values', 'image_grid_thw')}
+    for k, t in rows.items():
+        for i, e in enumerate(examples): t[i, :len(e[k])] = e[k]
+    px = torch.cat([e['pixel_values'] for e in examples])
+    if px.dtype == torch.uint8: px = self.table[torch.arange(3).repeat_interleave(px.shape[1] // 3), px.long()]
+    labels = rows.pop('labels')
+    batch = {'input_ids': rows.pop('input_ids'), 'attention_mask': (torch.arange(L) < lengths[:, None]).long(), **rows,
+             'pixel_values': px, 'image_grid_thw': torch.cat([e['image_grid_thw'] for e in examples]), 'labels': labels}
+    if self.answer_logits_only:
+        first = int((batch['labels'] != -100).int().argmax(1).min())
+        batch['labels'], batch['logits_to_keep'] = batch['labels'][:, first - 1:], L - first + 1
+    return BatchFeature(batch)
+
+@patch
+def __call__(self:AnswerCollator, examples:list[dict]) -> BatchFeature:
+    return self.pad([e if 'input_ids' in e else self.prepare(e) for e in examples])
+
+# %% ../nbs/03_model.ipynb 40
+class PreparedExamples(torch.utils.data.Dataset):
+    "The examples of `dataset` passed through `prepare` once, on first use, and kept (up to `max_bytes` of tensors)."
+    def __init__(self, dataset, # any map-style dataset of examples
+                 prepare, # e.g. `AnswerCollator.prepare`
+                 max_bytes:int=2**31): # keep prepared examples while their own tensors (the pixels) take less than this
+        self.dataset, self.prepare, self.max_bytes, self.cache, self.nbytes = dataset, prepare, max_bytes, {}, 0
+    def __len__(self): return len(self.dataset)
+    def __getitem__(self, i):
+        if i in self.cache: return self.cache[i]
+        ex = self.prepare(self.dataset[i])
+        size = ex['pixel_values'].nbytes if 'pixel_values' in ex else 0  # token rows are shared between examples
+        if self.nbytes + size <= self.max_bytes: self.cache[i], self.nbytes = ex, self.nbytes + size
+        return ex
+
+# %% ../nbs/03_model.ipynb 43
 from peft import LoraConfig
 
 LORA_PRESETS = ('lm', 'lm+vision', 'vision')

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from .core import LABEL_SETS
 from .align import load_image
-from .model import load_lvlm, AnswerCollator, lora_config
+from .model import load_lvlm, AnswerCollator, PreparedExamples, lora_config
 
 # %% auto 0
 __all__ = ['PRESETS', 'PRESET_ESTIMATES', 'RUN_INFO', 'StageConfig', 'FaceDataset', 'write_json_atomic', 'read_run_info',
@@ -67,17 +67,21 @@ PRESET_ESTIMATES = pd.DataFrame([
 # %% ../nbs/04_stage1_basic.ipynb 11
 class FaceDataset(torch.utils.data.Dataset):
     "Training examples `{'image', 'answer'}` from a DataFrame with `path` and `label`, images decoded once."
-    def __init__(self, df:pd.DataFrame, image_size:int|None=100):
+    def __init__(self, df:pd.DataFrame, # `path` and `label` columns
+                 image_size:int|None=100, # resize faces to this square size (None: keep)
+                 cache:bool=True): # keep the decoded faces (off when a `PreparedExamples` keeps the prepared ones)
         missing = {'path', 'label'} - set(df.columns)
         if missing: raise ValueError(f"training data needs columns {sorted(missing)}; it has {list(df.columns)}")
         if not len(df): raise ValueError('training data is empty')
         self.paths, self.labels, self.size = list(df['path']), list(df['label']), image_size
-        self.cache = {}
+        self.cache = {} if cache else None
     def __len__(self): return len(self.paths)
+    def face(self, i) -> Image.Image:
+        img = load_image(self.paths[i])
+        return img.resize((self.size, self.size), Image.BILINEAR) if self.size else img
     def __getitem__(self, i):
-        if i not in self.cache:
-            img = load_image(self.paths[i])
-            self.cache[i] = img.resize((self.size, self.size), Image.BILINEAR) if self.size else img
+        if self.cache is None: return {'image': self.face(i), 'answer': self.labels[i]}
+        if i not in self.cache: self.cache[i] = self.face(i)
         return {'image': self.cache[i], 'answer': self.labels[i]}
 
 # %% ../nbs/04_stage1_basic.ipynb 13
@@ -154,9 +158,10 @@ def train_stage(cfg:StageConfig, # what to train
     set_seed(cfg.seed)
     model, processor, merge_before = stage_model(cfg)
     ckpt_dir = run_dir/'checkpoints'
+    collate = AnswerCollator(processor, labels, cfg.variant, cfg.image_size, answer_logits_only=True)
     trainer = Trainer(model=model, args=_training_args(cfg, ckpt_dir, disable_tqdm=not progress, **kwargs),
-                      train_dataset=FaceDataset(train, cfg.image_size),
-                      data_collator=AnswerCollator(processor, labels, cfg.variant, cfg.image_size), callbacks=callbacks)
+                      train_dataset=PreparedExamples(FaceDataset(train, cfg.image_size, cache=False), collate.prepare),
+                      data_collator=collate, callbacks=callbacks)
     if not progress: trainer.remove_callback(PrinterCallback)
     last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
     start = time.time()

@@ -1,0 +1,509 @@
+"""Benchmark cer_nb against the tools a researcher would use instead.
+
+Compared, side by side in one run, each measurement in its own fresh process, trials interleaved (A, B, A, B, ...):
+
+1. training throughput of one stage: `cer_nb.train.train_stage` vs TRL's `SFTTrainer` set up as TRL's documentation
+   shows for vision-language models (a dataset of `messages` + `images`, `processing_class=processor`, TRL's own
+   vision-language collator), on the same model, data, batch size and LoRA settings;
+2. evaluation: scoring every candidate label (`label_logprobs`) vs generate-and-parse (`generate_answers` +
+   `find_label`) on the same test split with the same trained adapter: images/s, accuracy, unparseable rate;
+3. `predict`: latency for one image and throughput for a batch, on a loaded model;
+4. peak memory of each (peak resident set size of the measuring process, `ru_maxrss`);
+5. how each grows with the work: dataset size, image resolution (visual tokens), number of candidate labels.
+
+Usage (from the repository root):
+    python benchmarks/bench.py --quick           # ~6 min on 2 CPU cores
+    python benchmarks/bench.py                   # the full run, ~25 min on 2 CPU cores
+    python benchmarks/bench.py --device cuda --model-size 2b   # on a GPU: Qwen2-VL-2B dimensions, random weights, bf16
+    python benchmarks/bench.py --check-2b        # build the 2B config on the meta device and count its parameters
+Results: a table on stdout and benchmarks/results/<machine-tag>.json (written atomically).
+"""
+from __future__ import annotations
+import argparse, datetime, json, math, os, platform, re, resource, shutil, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCHEMA = 1
+# Peak dense bf16 tensor throughput (TFLOP/s) of GPUs by name, for model FLOPs utilisation; override with --peak-tflops.
+PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0, 'A10': 125.0, 'T4': 65.0}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Machine information
+
+def cpu_model() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine()
+
+def versions() -> dict:
+    from importlib.metadata import version, PackageNotFoundError
+    out = {'python': platform.python_version()}
+    for pkg in ('torch', 'transformers', 'peft', 'accelerate', 'trl', 'datasets', 'cer_nb'):
+        try: out[pkg] = version(pkg)
+        except PackageNotFoundError: out[pkg] = None
+    return out
+
+def git_commit() -> str|None:
+    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=HERE, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except Exception: return None
+
+def git_dirty() -> bool|None:
+    try: return bool(subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=HERE, capture_output=True, text=True, timeout=5).stdout.strip())
+    except Exception: return None
+
+def machine_info(device:str) -> dict:
+    import torch
+    info = dict(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform(), device=device, gpu=None,
+                memory_gb=round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1), versions=versions(),
+                git_commit=git_commit(), git_dirty=git_dirty())
+    if device == 'cuda' and torch.cuda.is_available(): info['gpu'] = torch.cuda.get_device_name(0)
+    return info
+
+def slug(s:str) -> str: return re.sub(r'[^a-z0-9]+', '-', s.lower()).strip('-')
+
+def machine_tag(info:dict, model_size:str, quick:bool) -> str:
+    hw = f"gpu-{slug(info['gpu'])}" if info['gpu'] else f"cpu-{slug(info['cpu'])[:40]}-{info['cores']}c"
+    return f"{hw}-{model_size}" + ('-quick' if quick else '')
+
+def write_json_atomic(obj, path:Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    with os.fdopen(fd, 'w') as f: json.dump(obj, f, indent=1, default=str)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen2-VL-2B dimensions (random weights): for GPU runs, and checked on the meta device on CPU
+
+def qwen2vl_2b_config(tok):
+    "A `Qwen2VLConfig` with Qwen2-VL-2B-Instruct's dimensions, whose special token ids match tokenizer `tok`."
+    from transformers import Qwen2VLConfig
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in [('image_token_id', '<|image_pad|>'), ('video_token_id', '<|video_pad|>'),
+           ('vision_start_token_id', '<|vision_start|>'), ('vision_end_token_id', '<|vision_end|>')]}
+    special = dict(bos_token_id=tok.convert_tokens_to_ids('<|endoftext|>'), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters=dict(rope_type='default', mrope_section=[16, 24, 24], rope_theta=1000000.0), **special)
+    vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids, **special)
+
+def count_2b_params() -> dict:
+    "Instantiate the 2B config on the meta device (no weights allocated) and count its parameters."
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from cer_nb.pretrain import tiny_base
+    cfg = qwen2vl_2b_config(AutoTokenizer.from_pretrained(tiny_base()))
+    with torch.device('meta'): model = Qwen2VLForConditionalGeneration(cfg)
+    uniq = {id(p): p for p in model.parameters()}.values()  # tied embeddings counted once
+    n = sum(p.numel() for p in uniq)
+    vis = sum(p.numel() for p in model.model.visual.parameters())
+    return dict(params=n, vision_params=vis, language_params=n - vis, on_meta=all(p.is_meta for p in uniq))
+
+def make_2b_checkpoint(path:Path) -> Path:
+    "Save a randomly initialised Qwen2-VL with 2B dimensions (bf16) and the tiny model's processor files."
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from cer_nb.pretrain import tiny_base
+    if (path/'model.safetensors.index.json').exists() or (path/'model.safetensors').exists(): return path
+    tok = AutoTokenizer.from_pretrained(tiny_base())
+    torch.manual_seed(0)
+    with torch.device('cuda' if torch.cuda.is_available() else 'cpu'):
+        model = Qwen2VLForConditionalGeneration(qwen2vl_2b_config(tok)).to(torch.bfloat16)
+    model.save_pretrained(path)
+    for f in Path(tiny_base()).iterdir():
+        if f.name not in ('model.safetensors', 'config.json', 'generation_config.json'): shutil.copy(f, path/f.name)
+    return path
+
+def train_step_flops(cfg, n_text_tokens:int, n_patches:int, logit_positions:int, seq_len:int, patches_per_image:int) -> float:
+    "Model FLOPs of one LoRA training step (frozen base): LM forward + activation backward, vision forward only."
+    t, v = cfg.text_config, cfg.vision_config
+    h, kv = t.hidden_size, t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    lm_layer = 2 * h * h + 2 * h * kv + 3 * h * t.intermediate_size  # q, o + k, v + MLP
+    lm_fwd = 2 * n_text_tokens * t.num_hidden_layers * (lm_layer + 2 * seq_len * h) + 2 * logit_positions * h * t.vocab_size
+    e = v.embed_dim
+    vis_layer = 4 * e * e + 2 * e * e * v.mlp_ratio
+    merged = n_patches // v.spatial_merge_size ** 2
+    vis_fwd = 2 * n_patches * (v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * e + v.depth * (vis_layer + 2 * patches_per_image * e))
+    vis_fwd += 2 * merged * ((4 * e) ** 2 + 4 * e * v.hidden_size)
+    return 2 * lm_fwd + vis_fwd  # backward through the frozen LM ~ its forward; the frozen vision tower needs none
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: the synthetic RAF-DB compound subset, with copies at other resolutions
+
+def image_max_pixels(px:int) -> int:
+    "`max_pixels` that lets a px x px face keep its size (rounded to the 28-pixel grid)."
+    return max(224 * 224, (28 * math.ceil(px / 28)) ** 2)
+
+def prepare_data(root:Path, resolutions) -> dict:
+    "Synthetic RAF-DB under `root` and CSVs (path, label) of the compound train/test splits at each resolution."
+    from PIL import Image
+    from cer_nb.synth import make_synthetic_rafdb
+    from cer_nb.data import load_rafdb
+    data = make_synthetic_rafdb(root/'rafdb', n_basic=70, n_compound=700, seed=0)
+    out = {}
+    for split in ('train', 'test'):
+        df = load_rafdb(data, 'compound', split)[['path', 'label']]
+        for px in resolutions:
+            csv = root/f'compound_{split}_{px}.csv'
+            if not csv.exists():
+                rows = df.copy()
+                if px != 100:  # aligned RAF-DB faces are 100x100: larger copies, lossless, read by both arms alike
+                    d = root/f'compound_{px}'; d.mkdir(exist_ok=True)
+                    rows['path'] = [str(d/(Path(p).stem + '.png')) for p in df.path]
+                    for src, dst in zip(df.path, rows.path):
+                        if not Path(dst).exists(): Image.open(src).convert('RGB').resize((px, px), Image.BILINEAR).save(dst)
+                tmp = csv.with_suffix('.tmp'); rows.to_csv(tmp, index=False); os.replace(tmp, csv)
+            out[f'{split}_{px}'] = str(csv)
+    return out
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers: each runs in its own process and prints one line `RESULT {json}`
+
+def rss_mb() -> float:
+    "Current resident set size of this process (MB)."
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmRSS:'): return int(line.split()[1]) / 1024
+    return float('nan')
+
+def peak_rss_mb() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+def _setup_worker(spec):
+    import torch, warnings
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(spec['threads'])
+    if spec['device'] == 'cuda': torch.cuda.reset_peak_memory_stats()
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    try:
+        from datasets.utils import logging as ds_logging
+        ds_logging.set_verbosity_error(); ds_logging.disable_progress_bar()
+    except ImportError: pass
+
+def _gpu_peak_mb(spec):
+    import torch
+    return torch.cuda.max_memory_allocated() / 2**20 if spec['device'] == 'cuda' else None
+
+def _train_rows(spec):
+    import pandas as pd
+    df = pd.read_csv(spec['train_csv'])
+    return df.sample(frac=1, random_state=0).iloc[:spec['n_train']].reset_index(drop=True) if spec.get('n_train') else df
+
+def _step_clock():
+    import time
+    from transformers import TrainerCallback
+    class StepClock(TrainerCallback):
+        "Wall-clock times of the training loop: its start, the end of every optimiser step, its end."
+        def on_train_begin(self, args, state, control, **kw): self.t0, self.steps = time.perf_counter(), []
+        def on_step_end(self, args, state, control, **kw): self.steps.append(time.perf_counter())
+        def on_train_end(self, args, state, control, **kw): self.t1 = time.perf_counter()
+    return StepClock()
+
+def _train_summary(spec, clock, n_steps, extra):
+    bs = spec['batch_size']
+    total = clock.t1 - clock.t0
+    half = len(clock.steps) // 2
+    steady = (clock.steps[-1] - clock.steps[half - 1]) / (len(clock.steps) - half) if half else float('nan')
+    return dict(samples_per_s=n_steps * bs / total, steady_samples_per_s=bs / steady, seconds=total, steps=n_steps,
+                first_step_s=clock.steps[0] - clock.t0, **extra)
+
+def work_train(spec) -> dict:
+    "One training run of `spec['arm']` ('cer_nb' or 'trl'): throughput, memory."
+    _setup_worker(spec)
+    import torch
+    from cer_nb.core import LABEL_SETS
+    from cer_nb.model import load_lvlm, lora_config
+    train, labels, px = _train_rows(spec), LABEL_SETS[spec['labels']], spec['px']
+    dtype = 'bfloat16' if spec['device'] == 'cuda' else 'float32'
+    work = Path(tempfile.mkdtemp(prefix='cer_nb_bench_'))
+    clock, rss0 = _step_clock(), None
+    try:
+        if spec['arm'] == 'cer_nb':
+            from cer_nb.train import StageConfig, train_stage, read_run_info
+            cfg = StageConfig(spec['base'], labels=spec['labels'], stage='bench', image_size=px, max_pixels=image_max_pixels(px),
+                              max_steps=spec['steps'], batch_size=spec['batch_size'], lr=spec['lr'], dtype=dtype,
+                              save_steps=10**6, logging_steps=10, seed=spec['seed'])
+            rss0 = rss_mb()
+            run = train_stage(cfg, train, work/'run', progress=False, callbacks=[clock])
+            info = read_run_info(run)
+            extra = dict(final_loss=info['metrics']['train_loss'])
+        else:
+            from datasets import Dataset, Image as HFImage, List
+            from trl import SFTConfig, SFTTrainer
+            from cer_nb.prompts import chat_messages
+            from transformers import set_seed
+            set_seed(spec['seed'])
+            ds = Dataset.from_dict({'images': [[p] for p in train.path],
+                                    'messages': [chat_messages(labels, 'context', answer=l) for l in train.label]})
+            ds = ds.cast_column('images', List(HFImage()))
+            model, processor = load_lvlm(spec['base'], dtype=dtype, max_pixels=image_max_pixels(px))
+            # the settings train_stage uses; SFTConfig's own defaults would also turn on gradient checkpointing and bf16
+            args = SFTConfig(output_dir=str(work/'trl'), per_device_train_batch_size=spec['batch_size'], learning_rate=spec['lr'],
+                             max_steps=spec['steps'], lr_scheduler_type='cosine', warmup_steps=0.03, weight_decay=0.0,
+                             logging_steps=10, save_strategy='no', seed=spec['seed'], report_to=[], max_length=None,
+                             gradient_checkpointing=False, bf16=dtype == 'bfloat16', dataloader_num_workers=0,
+                             dataloader_pin_memory=spec['device'] == 'cuda', disable_tqdm=True)
+            rss0 = rss_mb()
+            trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor,
+                                 peft_config=lora_config(model, 'lm', r=16, dropout=0.05), callbacks=[clock])
+            out = trainer.train()
+            extra = dict(final_loss=out.training_loss)
+        res = _train_summary(spec, clock, spec['steps'], extra)
+        res.update(peak_rss_mb=peak_rss_mb(), rss_before_mb=rss0, peak_gpu_mb=_gpu_peak_mb(spec))
+        if spec.get('flops'): res.update(_mfu(spec, res))
+        return res
+    finally: shutil.rmtree(work, ignore_errors=True)
+
+def _mfu(spec, res) -> dict:
+    "Model FLOPs utilisation of the measured steady-state steps (GPU runs)."
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig
+    from cer_nb.core import LABEL_SETS
+    from cer_nb.model import load_processor, AnswerCollator
+    import pandas as pd
+    cfg = AutoConfig.from_pretrained(spec['base'])
+    proc = load_processor(spec['base'], max_pixels=image_max_pixels(spec['px']))
+    rows = pd.read_csv(spec['train_csv']).iloc[:spec['batch_size']]
+    b = AnswerCollator(proc, LABEL_SETS[spec['labels']], image_size=spec['px'])([{'image': p, 'answer': l} for p, l in zip(rows.path, rows.label)])
+    n_tok, seq = int(b['attention_mask'].sum()), b['input_ids'].shape[1]
+    n_patch = int(b['pixel_values'].shape[0])
+    flops = train_step_flops(cfg, n_tok, n_patch, logit_positions=n_tok, seq_len=seq, patches_per_image=n_patch // spec['batch_size'])
+    achieved = flops * res['steady_samples_per_s'] / spec['batch_size']
+    peak = spec.get('peak_tflops') or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(0)), None)
+    return dict(step_tflop=flops / 1e12, achieved_tflops=achieved / 1e12, peak_tflops=peak, mfu=achieved / (peak * 1e12) if peak else None)
+
+def _load_faces(csv, n=None, px=None):
+    import pandas as pd
+    from PIL import Image
+    df = pd.read_csv(csv)
+    if n: df = df.iloc[:n]
+    return [Image.open(p).convert('RGB') for p in df.path], list(df.label)
+
+def _label_set(key):
+    from cer_nb.core import LABEL_SETS, LabelSet, RAFDB_BASIC, RAFDB_COMPOUND
+    if key == 'compound+basic': return LabelSet('compound+basic', tuple(RAFDB_COMPOUND) + tuple(RAFDB_BASIC))
+    return LABEL_SETS[key]
+
+def work_eval(spec) -> dict:
+    "Classify the test split with `spec['arm']` ('score' or 'generate'): images/s, accuracy, unparseable rate, memory."
+    _setup_worker(spec)
+    import torch
+    from cer_nb.core import find_label
+    from cer_nb.infer import load_checkpoint, label_logprobs, generate_answers
+    faces, truth = _load_faces(spec['test_csv'], spec.get('n_test'))
+    labels = _label_set(spec['labels'])
+    model, processor, info = load_checkpoint(spec['run'], device=spec['device'])
+    processor.image_processor.size = {'longest_edge': image_max_pixels(spec['px']), 'shortest_edge': 56 * 56}  # more visual tokens at larger px
+    kw = dict(variant=info['variant'], image_size=spec['px'])
+    rss0, bs = rss_mb(), spec['batch_size']
+    def classify(batch):
+        if spec['arm'] == 'score': return [labels[i] for i in label_logprobs(model, processor, batch, labels, **kw).argmax(-1).tolist()]
+        return [find_label(a, labels) for a in generate_answers(model, processor, batch, labels, **kw)]
+    classify(faces[:bs])  # warm-up
+    if spec['device'] == 'cuda': torch.cuda.synchronize()
+    t0, preds = time.perf_counter(), []
+    for i in range(0, len(faces), bs): preds += classify(faces[i:i + bs])
+    if spec['device'] == 'cuda': torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    acc = sum(p == t for p, t in zip(preds, truth)) / len(truth)
+    return dict(images_per_s=len(faces) / dt, seconds=dt, n_images=len(faces), accuracy=acc,
+                unparseable_rate=sum(p is None for p in preds) / len(preds), n_labels=len(labels),
+                peak_rss_mb=peak_rss_mb(), rss_before_mb=rss0, peak_gpu_mb=_gpu_peak_mb(spec))
+
+def work_predict(spec) -> dict:
+    "`predict` on a loaded model: median latency for one image, and throughput for a batch of paths."
+    _setup_worker(spec)
+    import pandas as pd, torch
+    from cer_nb.infer import predict
+    paths = list(pd.read_csv(spec['test_csv']).path)
+    kw = dict(method=spec['arm'], device=spec['device'])
+    predict(paths[0], spec['run'], **kw)  # loads and caches the model
+    rss0, lat = rss_mb(), []
+    for p in paths[1:1 + spec['latency_reps']]:
+        t = time.perf_counter(); predict(p, spec['run'], **kw); lat.append(time.perf_counter() - t)
+    batch = paths[:spec['n_batch']]
+    t = time.perf_counter(); preds = predict(batch, spec['run'], batch_size=spec['batch_size'], **kw); dt = time.perf_counter() - t
+    assert len(preds) == len(batch)
+    return dict(latency_ms=1000 * statistics.median(lat), latency_p90_ms=1000 * sorted(lat)[int(0.9 * (len(lat) - 1))],
+                batch_images_per_s=len(batch) / dt, n_batch=len(batch), peak_rss_mb=peak_rss_mb(), rss_before_mb=rss0,
+                peak_gpu_mb=_gpu_peak_mb(spec))
+
+def work_adapter(spec) -> dict:
+    "Train (once) the adapter the evaluation uses: compound LoRA from the base, cer_nb's CPU preset."
+    import torch
+    torch.set_num_threads(spec['threads'])
+    import pandas as pd
+    from cer_nb.train import StageConfig, train_stage, read_run_info, PRESETS
+    preset = PRESETS['cpu-tiny'] if spec['device'] == 'cpu' else dict(dtype='bfloat16', batch_size=spec['batch_size'])
+    cfg = StageConfig(spec['base'], labels='rafdb_compound', stage='bench-adapter', max_steps=spec['steps'], save_steps=10**6, **preset)
+    run = train_stage(cfg, pd.read_csv(spec['train_csv']), spec['run'], progress=False)
+    return dict(run=str(run), metrics=read_run_info(run)['metrics'])
+
+WORKERS = {'train': work_train, 'eval': work_eval, 'predict': work_predict, 'adapter': work_adapter}
+
+def run_worker(spec:dict, timeout:int=1800) -> dict:
+    "Run one measurement in a fresh Python process; its result, with the load average around it."
+    env = {**os.environ, 'OMP_NUM_THREADS': str(spec['threads']), 'MKL_NUM_THREADS': str(spec['threads']),
+           'TOKENIZERS_PARALLELISM': 'false', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_VERBOSITY': 'error', 'PYTHONWARNINGS': 'ignore'}
+    load0 = os.getloadavg()[0]
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), '--worker', json.dumps(spec)], capture_output=True,
+                       text=True, env=env, timeout=timeout)
+    lines = [l for l in p.stdout.splitlines() if l.startswith('RESULT ')]
+    if p.returncode or not lines:
+        raise RuntimeError(f"worker {spec['kind']}/{spec.get('arm')} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    return {**json.loads(lines[-1][7:]), 'load_before': round(load0, 2), 'load_after': round(os.getloadavg()[0], 2)}
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run: interleaved trials, medians, ratios
+
+def interleaved(name:str, specs:dict, trials:int, rows:list, x=None, log=print):
+    "Run `trials` rounds of every arm in `specs`, alternating arms (A, B, A, B, ...); append a row per run."
+    for t in range(trials):
+        for arm, spec in (specs.items() if t % 2 == 0 else reversed(list(specs.items()))):  # alternate who goes first
+            res = run_worker(spec)
+            rows.append(dict(experiment=name, arm=arm, trial=t, x_name=x[0] if x else None, x=x[1] if x else None, **res))
+            log(f"  {name:<18} {arm:<9} {'' if not x else f'{x[0]}={x[1]}':<14} trial {t}: " +
+                ', '.join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float) and k in METRIC_KEYS))
+
+METRIC_KEYS = ('samples_per_s', 'steady_samples_per_s', 'images_per_s', 'accuracy', 'unparseable_rate', 'latency_ms',
+               'batch_images_per_s', 'peak_rss_mb', 'peak_gpu_mb', 'mfu')
+
+def summarise(rows:list) -> list:
+    "Median of every metric per (experiment, arm, x)."
+    groups = {}
+    for r in rows: groups.setdefault((r['experiment'], r['arm'], r['x_name'], r['x']), []).append(r)
+    out = []
+    for (exp, arm, xn, x), rs in groups.items():
+        s = dict(experiment=exp, arm=arm, x_name=xn, x=x, trials=len(rs))
+        for k in METRIC_KEYS + ('seconds', 'final_loss', 'load_before', 'load_after'):
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            if vals: s[k] = statistics.median(vals)
+        out.append(s)
+    return out
+
+def ratios(summary:list) -> list:
+    "cer_nb's speed over the alternative's, for every experiment and x (medians)."
+    pairs = {'train': ('cer_nb', 'trl', 'samples_per_s'), 'eval': ('score', 'generate', 'images_per_s')}
+    out, by = [], {(s['experiment'], s['arm'], s['x']): s for s in summary}
+    for s in summary:
+        kind = s['experiment'].split('/')[0]
+        if kind not in pairs or s['arm'] != pairs[kind][0]: continue
+        a, b, k = pairs[kind]
+        other = by.get((s['experiment'], b, s['x']))
+        if other and other.get(k):
+            out.append(dict(experiment=s['experiment'], x_name=s['x_name'], x=s['x'], faster=a, slower=b, metric=k,
+                            ratio=s[k] / other[k]))
+            if kind == 'train': out[-1]['steady_ratio'] = s['steady_samples_per_s'] / other['steady_samples_per_s']
+    return out
+
+def print_table(summary, rats):
+    cols = ['experiment', 'arm', 'x', 'trials', 'samples_per_s', 'steady_samples_per_s', 'images_per_s', 'accuracy',
+            'unparseable_rate', 'latency_ms', 'batch_images_per_s', 'peak_rss_mb', 'peak_gpu_mb', 'mfu']
+    cols = [c for c in cols if any(s.get(c) is not None for s in summary)]
+    fmt = lambda v: '' if v is None else (f'{v:.4g}' if isinstance(v, float) else str(v))
+    table = [[fmt(s.get(c)) for c in cols] for s in summary]
+    w = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(cols)]
+    print('  '.join(c.ljust(w[i]) for i, c in enumerate(cols)))
+    for r in table: print('  '.join(v.ljust(w[i]) for i, v in enumerate(r)))
+    print()
+    for r in rats:
+        x = '' if r['x'] is None else f"{r['x_name']}={r['x']}"
+        print(f"{r['experiment']:<22} {x:<24} {r['faster']} / {r['slower']} {r['metric']}: {r['ratio']:.2f}x")
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--quick', action='store_true', help='fewer steps, trials and sizes (a few minutes on 2 CPU cores)')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    p.add_argument('--model-size', default='tiny', choices=['tiny', '2b'], help="'tiny': the shipped pre-trained tiny Qwen2-VL; '2b': Qwen2-VL-2B dimensions, random weights (GPU)")
+    p.add_argument('--threads', type=int, default=1, help='torch threads in every measuring process (same for all arms)')
+    p.add_argument('--trials', type=int, default=None, help='interleaved trials per arm (default 5, quick 2)')
+    p.add_argument('--steps', type=int, default=None, help='optimiser steps per training run (default 70 = 2 epochs, quick 24)')
+    p.add_argument('--batch-size', type=int, default=16, help='training batch size (cer_nb cpu-tiny preset: 16)')
+    p.add_argument('--eval-batch-size', type=int, default=8, help='faces per forward pass when evaluating')
+    p.add_argument('--adapter-steps', type=int, default=250, help='steps of the adapter the evaluation uses')
+    p.add_argument('--only', default='train,eval,predict,scaling', help='comma-separated parts to run')
+    p.add_argument('--work', default=os.path.join(tempfile.gettempdir(), 'cer_nb_bench'), help='cache of data and the adapter')
+    p.add_argument('--out', default=str(HERE/'results'), help='folder of the JSON results')
+    p.add_argument('--tag', default=None, help='result file name (default: from the machine)')
+    p.add_argument('--peak-tflops', type=float, default=None, help='GPU peak bf16 TFLOP/s for MFU (default: from the GPU name)')
+    p.add_argument('--check-2b', action='store_true', help='only build the 2B config on the meta device and count parameters')
+    p.add_argument('--worker', help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        spec = json.loads(a.worker)
+        print('RESULT ' + json.dumps(WORKERS[spec['kind']](spec), default=str), flush=True)
+        return
+    if a.check_2b:
+        print(json.dumps(count_2b_params(), indent=1)); return
+    import torch
+    if a.device == 'cuda' and not torch.cuda.is_available(): sys.exit('--device cuda: no CUDA GPU here')
+    trials, steps = a.trials or (2 if a.quick else 5), a.steps or (24 if a.quick else 70)
+    parts = set(a.only.split(','))
+    info = machine_info(a.device)
+    tag = a.tag or machine_tag(info, a.model_size, a.quick)
+    work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
+    resolutions = (100, 200) if a.quick else (100, 200, 300)
+    t_start, load_start = time.time(), os.getloadavg()
+    print(f"cer_nb benchmark -> {tag}: {info['cpu']} ({info['cores']} cores){', ' + info['gpu'] if info['gpu'] else ''}; "
+          f"load {load_start[0]:.2f}; torch threads {a.threads}; {trials} trials, {steps} steps", flush=True)
+    csvs = prepare_data(work, resolutions)
+    from cer_nb.pretrain import tiny_base
+    base = tiny_base() if a.model_size == 'tiny' else str(make_2b_checkpoint(work/'qwen2vl-2b-random'))
+    common = dict(device=a.device, threads=a.threads, base=base, seed=0, labels='rafdb_compound')
+    train_spec = dict(common, kind='train', train_csv=csvs['train_100'], px=100, steps=steps, batch_size=a.batch_size,
+                      lr=3e-3 if a.device == 'cpu' else 2e-4, flops=a.device == 'cuda', peak_tflops=a.peak_tflops)
+    rows = []
+    if 'train' in parts:
+        print('training throughput (one stage):', flush=True)
+        interleaved('train', {arm: dict(train_spec, arm=arm) for arm in ('cer_nb', 'trl')}, trials, rows)
+    need_run = parts & {'eval', 'predict', 'scaling'}
+    run = work/f'adapter-{a.model_size}-{a.device}-{a.adapter_steps}'
+    adapter = run_worker(dict(common, kind='adapter', threads=2 if a.device == 'cpu' else 1, train_csv=csvs['train_100'],
+                              steps=a.adapter_steps, batch_size=a.batch_size, run=str(run))) if need_run else None
+    eval_spec = dict(common, kind='eval', run=str(run), test_csv=csvs['test_100'], px=100, batch_size=a.eval_batch_size)
+    if 'eval' in parts:
+        print('evaluation (label scoring vs generate-and-parse):', flush=True)
+        interleaved('eval', {arm: dict(eval_spec, arm=arm) for arm in ('score', 'generate')}, trials, rows)
+    if 'predict' in parts:
+        print('predict on a loaded model:', flush=True)
+        pspec = dict(common, kind='predict', run=str(run), test_csv=csvs['test_100'], batch_size=a.eval_batch_size,
+                     latency_reps=10 if a.quick else 30, n_batch=64)
+        interleaved('predict', {arm: dict(pspec, arm=arm) for arm in ('score', 'generate')}, trials, rows)
+    if 'scaling' in parts:
+        print('scaling:', flush=True)
+        sizes = (140, 280) if a.quick else (140, 280, 560)
+        for n in sizes:  # one epoch over n faces: the stage's cost grows with the data
+            interleaved('train/dataset_size', {arm: dict(train_spec, arm=arm, n_train=n, steps=n // a.batch_size) for arm in ('cer_nb', 'trl')}, 1, rows, ('n_train', n))
+        for px in resolutions:
+            s = dict(train_spec, train_csv=csvs[f'train_{px}'], px=px, steps=min(steps, 12 if a.quick else 24))
+            interleaved('train/resolution', {arm: dict(s, arm=arm) for arm in ('cer_nb', 'trl')}, 1, rows, ('px', px))
+        for px in resolutions:
+            interleaved('eval/resolution', {arm: dict(eval_spec, arm=arm, test_csv=csvs[f'test_{px}'], px=px, n_test=64) for arm in ('score', 'generate')}, 1, rows, ('px', px))
+        for key in ('abaw_compound', 'rafdb_compound', 'compound+basic'):
+            interleaved('eval/n_labels', {arm: dict(eval_spec, arm=arm, labels=key, n_test=64) for arm in ('score', 'generate')}, 1, rows, ('labels', key))
+        for n in (32, 64, 140) if not a.quick else (32, 64):
+            interleaved('eval/dataset_size', {arm: dict(eval_spec, arm=arm, n_test=n) for arm in ('score', 'generate')}, 1, rows, ('n_test', n))
+        for bs in (1, 8, 32):
+            interleaved('eval/batch_size', {arm: dict(eval_spec, arm=arm, n_test=64, batch_size=bs) for arm in ('score', 'generate')}, 1, rows, ('batch_size', bs))
+    summary = summarise(rows)
+    rats = ratios(summary)
+    result = dict(schema=SCHEMA, tag=tag, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                  command='python benchmarks/bench.py ' + ' '.join(sys.argv[1:] if argv is None else argv), quick=a.quick,
+                  machine=info, load_avg_start=list(load_start), load_avg_end=list(os.getloadavg()),
+                  wall_seconds=round(time.time() - t_start, 1),
+                  settings=dict(device=a.device, model_size=a.model_size, base=base if a.model_size == 'tiny' else 'random Qwen2-VL-2B dims',
+                                threads=a.threads, trials=trials, steps=steps, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
+                                adapter_steps=a.adapter_steps, lora=dict(preset='lm', r=16, alpha=32, dropout=0.05),
+                                data='synthetic RAF-DB compound (cer_nb.synth, seed 0): 560 train / 140 test, aligned 100x100',
+                                memory='peak resident set size of each measuring process (ru_maxrss, MB), includes Python, torch and the model'),
+                  adapter=adapter, check_2b=count_2b_params(), rows=rows, summary=summary, ratios=rats)
+    out = Path(a.out)/f'{tag}.json'
+    write_json_atomic(result, out)
+    print()
+    print_table(summary, rats)
+    print(f"\nwrote {out} ({result['wall_seconds']:.0f} s; load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f})")
+
+if __name__ == '__main__': main()
