@@ -93,7 +93,7 @@ def label_logprobs(model, # the LVLM, in eval mode
         lp = lp + (logits.gather(-1, ids[None, :, 1:, None].expand(n, -1, -1, 1))[..., 0] * mask[:, 1:]).sum(-1)
     return (lp / (mask.sum(1) if per_token else 1)).cpu()
 
-# %% ../nbs/06_infer.ipynb 23
+# %% ../nbs/06_infer.ipynb 25
 @torch.no_grad()
 def generate_answers(model, # the LVLM, in eval mode
                      processor, # the model's processor
@@ -110,7 +110,7 @@ def generate_answers(model, # the LVLM, in eval mode
     out = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return [s.strip() for s in tok.batch_decode(out[:, b['input_ids'].shape[1]:], skip_special_tokens=True)]
 
-# %% ../nbs/06_infer.ipynb 27
+# %% ../nbs/06_infer.ipynb 29
 def read_run(checkpoint) -> dict:
     "What a checkpoint is: a run's `cer_nb.json` (with `path`), or the defaults for a plain base model."
     p = Path(checkpoint).expanduser()
@@ -121,7 +121,7 @@ def read_run(checkpoint) -> dict:
     return {'stage': 'base', 'base_model': str(p.resolve()) if p.exists() else str(checkpoint), 'merge_before': [],
             'labels': None, 'variant': DEFAULT_VARIANT, 'image_size': None, 'max_pixels': 224 * 224, 'path': None}
 
-# %% ../nbs/06_infer.ipynb 29
+# %% ../nbs/06_infer.ipynb 31
 _LOADED: dict = {}
 
 def clear_checkpoints():
@@ -145,7 +145,7 @@ def load_checkpoint(checkpoint, # a run directory, a base model folder, or a Hub
         _LOADED[key] = (model.eval(), processor, info)
     return _LOADED[key]
 
-# %% ../nbs/06_infer.ipynb 39
+# %% ../nbs/06_infer.ipynb 41
 @dataclass
 class Prediction:
     "The model's answer about one face."
@@ -153,7 +153,7 @@ class Prediction:
     probs: dict[str, float]|None = None  # probability of each label (method 'score'), else None
     answer: str|None = None  # the generated text (method 'generate'), else None
 
-# %% ../nbs/06_infer.ipynb 41
+# %% ../nbs/06_infer.ipynb 43
 def _image_list(images) -> list:
     "`images` as a list: one image (path, PIL image, HxW(xC) array) becomes a list of one."
     if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)): return [images]
@@ -171,7 +171,7 @@ def _label_set(labels, info:dict) -> LabelSet:
     if labels not in LABEL_SETS: raise ValueError(f"unknown label set {labels!r}; expected one of {list(LABEL_SETS)} or a LabelSet")
     return LABEL_SETS[labels]
 
-# %% ../nbs/06_infer.ipynb 42
+# %% ../nbs/06_infer.ipynb 44
 def predict(images, # one face or a list: paths, PIL images (any mode), numpy arrays
             checkpoint, # a run directory, a base model folder or a Hub id
             labels:LabelSet|str|None=None, # the classes to choose among; None: the run's (required for a base model)
