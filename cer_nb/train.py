@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from PIL import Image
-from .core import LABEL_SETS
+from .core import LABEL_SETS, write_atomic
 from .align import load_image
 from .model import load_lvlm, AnswerCollator, PreparedExamples, lora_config
 
@@ -87,10 +87,9 @@ class FaceDataset(torch.utils.data.Dataset):
 # %% ../nbs/04_stage1_basic.ipynb 13
 RUN_INFO = 'cer_nb.json'
 
-def write_json_atomic(obj, path):
-    "Write `obj` as JSON to `path` through a temporary file, so readers never see half a file."
-    path = Path(path); tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(obj, indent=2, default=str)); os.replace(tmp, path)
+def write_json_atomic(obj, path) -> Path:
+    "Write `obj` as JSON to `path` all at once (`cer_nb.core.write_atomic`), so readers never see half a file."
+    return write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 def read_run_info(run_dir) -> dict:
     "The `cer_nb.json` of a finished run; a clear error if `run_dir` is not one."
