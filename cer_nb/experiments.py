@@ -16,7 +16,7 @@ from .prompts import prompt_text
 
 # %% auto 0
 __all__ = ['METHODS', 'REFERENCE', 'MEASURES', 'Benchmark', 'rafdb', 'cexpr', 'benchmark_record', 'compound_subset', 'Condition',
-           'PromptedFaces', 'train_joint', 'train_condition', 'compound_metrics', 'cexpr_metrics', 'decoding_metrics',
+           'joint_prompts', 'train_joint', 'train_condition', 'compound_metrics', 'cexpr_metrics', 'decoding_metrics',
            'adapter_params', 'run_condition', 'run_experiment', 'load_results', 'summarise', 'mean_sd_table',
            'paired_differences', 'background_priority']
 
@@ -100,15 +100,13 @@ class Condition:
 REFERENCE = Condition()  # the condition several experiments share: two-stage, 220 compounds, context prompt, aligned, r 16, lm
 
 # %% ../nbs/09_experiments.ipynb 22
-class PromptedFaces:
-    "Training examples of basic and compound faces, each carrying the question of its own label set."
-    def __init__(self, df:pd.DataFrame, image_size:int|None=100, variant:str='context'):
-        from cer_nb.train import FaceDataset
-        own = {l: s for s in (RAFDB_BASIC, RAFDB_COMPOUND) for l in s}
-        if bad := sorted(set(df.label) - set(own)): raise ValueError(f"labels {bad} are neither RAF-DB basic nor compound")
-        self.faces, self.prompts = FaceDataset(df, image_size), [prompt_text(own[l], variant) for l in df.label]
-    def __len__(self): return len(self.faces)
-    def __getitem__(self, i): return {**self.faces[i], 'prompt': self.prompts[i]}
+def joint_prompts(df:pd.DataFrame, # basic and compound training rows together
+                  variant:str='context', # prompt variant
+                 ) -> list[str]:
+    "For each row, the question of its own label set (basic or compound)."
+    own = {l: s for s in (RAFDB_BASIC, RAFDB_COMPOUND) for l in s}
+    if bad := sorted(set(df.label) - set(own)): raise ValueError(f"labels {bad} are neither RAF-DB basic nor compound")
+    return [prompt_text(own[l], variant) for l in df.label]
 
 # %% ../nbs/09_experiments.ipynb 23
 def train_joint(cfg, # `cer_nb.train.StageConfig` of the stage; the stage (its `labels` is what the run is evaluated on, normally 'rafdb_compound')
@@ -117,24 +115,8 @@ def train_joint(cfg, # `cer_nb.train.StageConfig` of the stage; the stage (its `
                 progress:bool=False, # progress bar and loss log
                ) -> Path:
     "One LoRA stage on basic and compound faces at once, each asked with its own label set's prompt."
-    from transformers import Trainer, PrinterCallback, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-    from cer_nb.model import AnswerCollator
-    from cer_nb.train import stage_model, read_run_info, RUN_INFO, _training_args, _save_run
-    run_dir = Path(run_dir)
-    if (run_dir/RUN_INFO).exists():
-        if read_run_info(run_dir)['config'] != asdict(cfg): raise FileExistsError(f"{run_dir} holds a finished run with another config")
-        return run_dir
-    set_seed(cfg.seed)
-    model, processor, merge_before = stage_model(cfg)
-    trainer = Trainer(model=model, args=_training_args(cfg, run_dir/'checkpoints', disable_tqdm=not progress),
-                      train_dataset=PromptedFaces(train, cfg.image_size, cfg.variant),
-                      data_collator=AnswerCollator(processor, image_size=cfg.image_size))
-    if not progress: trainer.remove_callback(PrinterCallback)
-    last = get_last_checkpoint(str(run_dir/'checkpoints')) if (run_dir/'checkpoints').is_dir() else None
-    start = time.time(); out = trainer.train(resume_from_checkpoint=last)
-    _save_run(trainer, processor, cfg, run_dir, merge_before, train, out, time.time() - start, resumed_from=last)
-    return run_dir
+    from cer_nb.train import train_stage
+    return train_stage(cfg, train, run_dir, prompts=joint_prompts(train, cfg.variant), progress=progress)
 
 # %% ../nbs/09_experiments.ipynb 27
 def _kw(cond:Condition, seed:int, steps:int) -> dict:

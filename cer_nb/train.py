@@ -69,20 +69,24 @@ class FaceDataset(torch.utils.data.Dataset):
     "Training examples `{'image', 'answer'}` from a DataFrame with `path` and `label`, images decoded once."
     def __init__(self, df:pd.DataFrame, # `path` and `label` columns
                  image_size:int|None=100, # resize faces to this square size (None: keep)
-                 cache:bool=True): # keep the decoded faces (off when a `PreparedExamples` keeps the prepared ones)
+                 cache:bool=True, # keep the decoded faces (off when a `PreparedExamples` keeps the prepared ones)
+                 prompts:list[str]|None=None): # a question per row (default: the collator's prompt for the stage)
         missing = {'path', 'label'} - set(df.columns)
         if missing: raise ValueError(f"training data needs columns {sorted(missing)}; it has {list(df.columns)}")
         if not len(df): raise ValueError('training data is empty')
         self.paths, self.labels, self.size = list(df['path']), list(df['label']), image_size
-        self.cache = {} if cache else None
+        if prompts is not None and len(prompts) != len(df): raise ValueError(f"{len(prompts)} prompts for {len(df)} training rows")
+        self.cache, self.prompts = ({} if cache else None), prompts
     def __len__(self): return len(self.paths)
     def face(self, i) -> Image.Image:
         img = load_image(self.paths[i])
         return img.resize((self.size, self.size), Image.BILINEAR) if self.size else img
     def __getitem__(self, i):
-        if self.cache is None: return {'image': self.face(i), 'answer': self.labels[i]}
-        if i not in self.cache: self.cache[i] = self.face(i)
-        return {'image': self.cache[i], 'answer': self.labels[i]}
+        if self.cache is None: img = self.face(i)
+        else:
+            if i not in self.cache: self.cache[i] = self.face(i)
+            img = self.cache[i]
+        return {'image': img, 'answer': self.labels[i], **({} if self.prompts is None else {'prompt': self.prompts[i]})}
 
 # %% ../nbs/04_stage1_basic.ipynb 13
 RUN_INFO = 'cer_nb.json'
@@ -144,6 +148,7 @@ def train_stage(cfg:StageConfig, # what to train
                 resume:bool=True, # continue an interrupted run from its last checkpoint
                 callbacks:list|None=None, # extra `TrainerCallback`s
                 progress:bool=True, # show a progress bar and the loss log while training
+                prompts:list[str]|None=None, # a question per row; rows may then carry labels of other label sets (a joint stage)
                 **kwargs, # more `TrainingArguments`
                ) -> Path:
     "Fine-tune one stage and return its run directory."
@@ -152,14 +157,15 @@ def train_stage(cfg:StageConfig, # what to train
         if read_run_info(run_dir)['config'] != asdict(cfg): raise FileExistsError(f"{run_dir} holds a finished run with another config; choose a new run_dir")
         return run_dir
     labels = LABEL_SETS[cfg.labels]
-    bad = sorted(set(train['label']) - set(labels))
-    if bad: raise ValueError(f"training labels {bad} are not in {cfg.labels}")
+    known = set(labels) if prompts is None else {l for s in LABEL_SETS.values() for l in s}
+    bad = sorted(set(train['label']) - known)
+    if bad: raise ValueError(f"training labels {bad} are not in {cfg.labels if prompts is None else 'any label set'}")
     set_seed(cfg.seed)
     model, processor, merge_before = stage_model(cfg)
     ckpt_dir = run_dir/'checkpoints'
     collate = AnswerCollator(processor, labels, cfg.variant, cfg.image_size, answer_logits_only=True)
     trainer = Trainer(model=model, args=_training_args(cfg, ckpt_dir, disable_tqdm=not progress, **kwargs),
-                      train_dataset=PreparedExamples(FaceDataset(train, cfg.image_size, cache=False), collate.prepare),
+                      train_dataset=PreparedExamples(FaceDataset(train, cfg.image_size, cache=False, prompts=prompts), collate.prepare),
                       data_collator=collate, callbacks=callbacks)
     if not progress: trainer.remove_callback(PrinterCallback)
     last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
