@@ -298,11 +298,17 @@ def work_eval(spec) -> dict:
     model, processor, info = load_checkpoint(spec['run'], device=spec['device'])
     processor.image_processor.size = {'longest_edge': image_max_pixels(spec['px']), 'shortest_edge': 56 * 56}  # more visual tokens at larger px
     kw = dict(variant=info['variant'], image_size=spec['px'])
-    rss0, bs = rss_mb(), spec['batch_size']
+    rss0, bs, passes = rss_mb(), spec['batch_size'], []
+    if spec['arm'] == 'generate':  # count generation's passes: one per new token, the first from the prompt
+        generate = model.generate
+        def counted(*args, **kw):
+            out = generate(*args, **kw); passes.append(out.shape[1] - kw['input_ids'].shape[1]); return out
+        model.generate = counted
     def classify(batch):
         if spec['arm'] == 'score': return [labels[i] for i in label_logprobs(model, processor, batch, labels, **kw).argmax(-1).tolist()]
         return [find_label(a, labels) for a in generate_answers(model, processor, batch, labels, **kw)]
     classify(faces[:bs])  # warm-up
+    passes.clear()
     if spec['device'] == 'cuda': torch.cuda.synchronize()
     t0, preds = time.perf_counter(), []
     for i in range(0, len(faces), bs): preds += classify(faces[i:i + bs])
@@ -311,6 +317,7 @@ def work_eval(spec) -> dict:
     acc = sum(p == t for p, t in zip(preds, truth)) / len(truth)
     return dict(images_per_s=len(faces) / dt, seconds=dt, n_images=len(faces), accuracy=acc,
                 unparseable_rate=sum(p is None for p in preds) / len(preds), n_labels=len(labels),
+                passes_per_batch=statistics.mean(passes) if passes else 1,  # forward passes per batch (scoring: one)
                 peak_rss_mb=peak_rss_mb(), rss_before_mb=rss0, peak_gpu_mb=_gpu_peak_mb(spec))
 
 def work_predict(spec) -> dict:
@@ -368,7 +375,7 @@ def interleaved(name:str, specs:dict, trials:int, rows:list, x=None, log=print):
             log(f"  {name:<18} {arm:<9} {'' if not x else f'{x[0]}={x[1]}':<14} trial {t}: " +
                 ', '.join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float) and k in METRIC_KEYS))
 
-METRIC_KEYS = ('samples_per_s', 'steady_samples_per_s', 'images_per_s', 'accuracy', 'unparseable_rate', 'latency_ms',
+METRIC_KEYS = ('samples_per_s', 'steady_samples_per_s', 'images_per_s', 'accuracy', 'unparseable_rate', 'passes_per_batch', 'latency_ms',
                'batch_images_per_s', 'peak_rss_mb', 'peak_gpu_mb', 'mfu')
 
 def summarise(rows:list) -> list:
@@ -401,7 +408,7 @@ def ratios(summary:list) -> list:
 
 def print_table(summary, rats):
     cols = ['experiment', 'arm', 'x', 'trials', 'samples_per_s', 'steady_samples_per_s', 'images_per_s', 'accuracy',
-            'unparseable_rate', 'latency_ms', 'batch_images_per_s', 'peak_rss_mb', 'peak_gpu_mb', 'mfu']
+            'unparseable_rate', 'passes_per_batch', 'latency_ms', 'batch_images_per_s', 'peak_rss_mb', 'peak_gpu_mb', 'mfu']
     cols = [c for c in cols if any(s.get(c) is not None for s in summary)]
     fmt = lambda v: '' if v is None else (f'{v:.4g}' if isinstance(v, float) else str(v))
     table = [[fmt(s.get(c)) for c in cols] for s in summary]
