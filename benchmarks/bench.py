@@ -6,7 +6,8 @@ Compared, side by side in one run, each measurement in its own fresh process, tr
    shows for vision-language models (a dataset of `messages` + `images`, `processing_class=processor`, TRL's own
    vision-language collator), on the same model, data, batch size and LoRA settings;
 2. evaluation: scoring every candidate label (`label_logprobs`) vs generate-and-parse (`generate_answers` +
-   `find_label`) on the same test split with the same trained adapter: images/s, accuracy, unparseable rate;
+   `find_label`) on the same test split with the same trained adapter: images/s, accuracy, unparseable rate,
+   forward passes per batch; and the floor both share (preparing the batch and running the prompt once);
 3. `predict`: latency for one image and throughput for a batch, on a loaded model;
 4. peak memory of each (peak resident set size of the measuring process, `ru_maxrss`);
 5. how each grows with the work: dataset size, image resolution (visual tokens), number of candidate labels.
@@ -292,7 +293,7 @@ def work_eval(spec) -> dict:
     _setup_worker(spec)
     import torch
     from cer_nb.core import find_label
-    from cer_nb.infer import load_checkpoint, label_logprobs, generate_answers
+    from cer_nb.infer import load_checkpoint, label_logprobs, generate_answers, prompt_batch
     faces, truth = _load_faces(spec['test_csv'], spec.get('n_test'))
     labels = _label_set(spec['labels'])
     model, processor, info = load_checkpoint(spec['run'], device=spec['device'])
@@ -306,6 +307,9 @@ def work_eval(spec) -> dict:
         model.generate = counted
     def classify(batch):
         if spec['arm'] == 'score': return [labels[i] for i in label_logprobs(model, processor, batch, labels, **kw).argmax(-1).tolist()]
+        if spec['arm'] == 'floor':  # what any way of reading an answer must do: prepare the batch, run the prompt once
+            with torch.no_grad(): model(**prompt_batch(model, processor, batch, labels, **kw), use_cache=True, logits_to_keep=1)
+            return [None] * len(batch)
         return [find_label(a, labels) for a in generate_answers(model, processor, batch, labels, **kw)]
     classify(faces[:bs])  # warm-up
     passes.clear()
@@ -314,9 +318,10 @@ def work_eval(spec) -> dict:
     for i in range(0, len(faces), bs): preds += classify(faces[i:i + bs])
     if spec['device'] == 'cuda': torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    acc = sum(p == t for p, t in zip(preds, truth)) / len(truth)
+    floor = spec['arm'] == 'floor'  # reads no answer: no accuracy
+    acc = None if floor else sum(p == t for p, t in zip(preds, truth)) / len(truth)
     return dict(images_per_s=len(faces) / dt, seconds=dt, n_images=len(faces), accuracy=acc,
-                unparseable_rate=sum(p is None for p in preds) / len(preds), n_labels=len(labels),
+                unparseable_rate=None if floor else sum(p is None for p in preds) / len(preds), n_labels=len(labels),
                 passes_per_batch=statistics.mean(passes) if passes else 1,  # forward passes per batch (scoring: one)
                 peak_rss_mb=peak_rss_mb(), rss_before_mb=rss0, peak_gpu_mb=_gpu_peak_mb(spec))
 
@@ -472,8 +477,8 @@ def main(argv=None):
                               steps=a.adapter_steps, batch_size=a.batch_size, run=str(run))) if need_run else None
     eval_spec = dict(common, kind='eval', run=str(run), test_csv=csvs['test_100'], px=100, batch_size=a.eval_batch_size)
     if 'eval' in parts:
-        print('evaluation (label scoring vs generate-and-parse):', flush=True)
-        interleaved('eval', {arm: dict(eval_spec, arm=arm) for arm in ('score', 'generate')}, trials, rows)
+        print('evaluation (label scoring vs generate-and-parse; floor: the prompt pass alone):', flush=True)
+        interleaved('eval', {arm: dict(eval_spec, arm=arm) for arm in ('score', 'generate', 'floor')}, trials, rows)
     if 'predict' in parts:
         print('predict on a loaded model:', flush=True)
         pspec = dict(common, kind='predict', run=str(run), test_csv=csvs['test_100'], batch_size=a.eval_batch_size,
