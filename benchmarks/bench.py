@@ -1,6 +1,6 @@
 """Benchmark cer_nb against the tools a researcher would use instead.
 
-Compared, side by side in one run, each measurement in its own fresh process, trials interleaved (A, B, A, B, ...):
+Compared, side by side in one run, each measurement in its own fresh process, trials interleaved (A, B, B, A, ...):
 
 1. training throughput of one stage: `cer_nb.train.train_stage` vs TRL's `SFTTrainer` set up as TRL's documentation
    shows for vision-language models (a dataset of `messages` + `images`, `processing_class=processor`, TRL's own
@@ -14,7 +14,7 @@ Compared, side by side in one run, each measurement in its own fresh process, tr
 
 Usage (from the repository root):
     python benchmarks/bench.py --quick           # ~6 min on 2 CPU cores
-    python benchmarks/bench.py                   # the full run, ~25 min on 2 CPU cores
+    python benchmarks/bench.py                   # the full run, ~16 min on 2 CPU cores
     python benchmarks/bench.py --device cuda --model-size 2b   # on a GPU: Qwen2-VL-2B dimensions, random weights, bf16
     python benchmarks/bench.py --check-2b        # build the 2B config on the meta device and count its parameters
 Results: a table on stdout and benchmarks/results/<machine-tag>.json (written atomically).
@@ -46,19 +46,16 @@ def versions() -> dict:
         except PackageNotFoundError: out[pkg] = None
     return out
 
-def git_commit() -> str|None:
-    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=HERE, capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except Exception: return None
-
 def git_dirty() -> bool|None:
     try: return bool(subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=HERE, capture_output=True, text=True, timeout=5).stdout.strip())
     except Exception: return None
 
 def machine_info(device:str) -> dict:
     import torch
+    from cer_nb.train import git_commit
     info = dict(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform(), device=device, gpu=None,
                 memory_gb=round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1), versions=versions(),
-                git_commit=git_commit(), git_dirty=git_dirty())
+                git_commit=git_commit(HERE), git_dirty=git_dirty())
     if device == 'cuda' and torch.cuda.is_available(): info['gpu'] = torch.cuda.get_device_name(0)
     return info
 
@@ -67,13 +64,6 @@ def slug(s:str) -> str: return re.sub(r'[^a-z0-9]+', '-', s.lower()).strip('-')
 def machine_tag(info:dict, model_size:str, quick:bool) -> str:
     hw = f"gpu-{slug(info['gpu'])}" if info['gpu'] else f"cpu-{slug(info['cpu'])[:40]}-{info['cores']}c"
     return f"{hw}-{model_size}" + ('-quick' if quick else '')
-
-def write_json_atomic(obj, path:Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    with os.fdopen(fd, 'w') as f: json.dump(obj, f, indent=1, default=str)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Qwen2-VL-2B dimensions (random weights): for GPU runs, and checked on the meta device on CPU
@@ -143,6 +133,7 @@ def prepare_data(root:Path, resolutions) -> dict:
     from PIL import Image
     from cer_nb.synth import make_synthetic_rafdb
     from cer_nb.data import load_rafdb
+    from cer_nb.core import write_atomic
     data = make_synthetic_rafdb(root/'rafdb', n_basic=70, n_compound=700, seed=0)
     out = {}
     for split in ('train', 'test'):
@@ -156,7 +147,7 @@ def prepare_data(root:Path, resolutions) -> dict:
                     rows['path'] = [str(d/(Path(p).stem + '.png')) for p in df.path]
                     for src, dst in zip(df.path, rows.path):
                         if not Path(dst).exists(): Image.open(src).convert('RGB').resize((px, px), Image.BILINEAR).save(dst)
-                tmp = csv.with_suffix('.tmp'); rows.to_csv(tmp, index=False); os.replace(tmp, csv)
+                write_atomic(csv, rows.to_csv(index=False))
             out[f'{split}_{px}'] = str(csv)
     return out
 
@@ -213,7 +204,6 @@ def _train_summary(spec, clock, n_steps, extra):
 def work_train(spec) -> dict:
     "One training run of `spec['arm']` ('cer_nb' or 'trl'): throughput, memory."
     _setup_worker(spec)
-    import torch
     from cer_nb.core import LABEL_SETS
     from cer_nb.model import load_lvlm, lora_config
     train, labels, px = _train_rows(spec), LABEL_SETS[spec['labels']], spec['px']
@@ -260,7 +250,6 @@ def work_train(spec) -> dict:
 def _mfu(spec, res) -> dict:
     "Model FLOPs utilisation of the measured steady-state steps (GPU runs)."
     import torch
-    from PIL import Image
     from transformers import AutoConfig
     from cer_nb.core import LABEL_SETS
     from cer_nb.model import load_processor, AnswerCollator
@@ -276,7 +265,7 @@ def _mfu(spec, res) -> dict:
     peak = spec.get('peak_tflops') or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(0)), None)
     return dict(step_tflop=flops / 1e12, achieved_tflops=achieved / 1e12, peak_tflops=peak, mfu=achieved / (peak * 1e12) if peak else None)
 
-def _load_faces(csv, n=None, px=None):
+def _load_faces(csv, n=None):
     import pandas as pd
     from PIL import Image
     df = pd.read_csv(csv)
@@ -289,7 +278,7 @@ def _label_set(key):
     return LABEL_SETS[key]
 
 def work_eval(spec) -> dict:
-    "Classify the test split with `spec['arm']` ('score' or 'generate'): images/s, accuracy, unparseable rate, memory."
+    "Classify the test split with `spec['arm']` ('score', 'generate', or 'floor': the prompt pass alone): images/s, accuracy, unparseable rate, passes, memory."
     _setup_worker(spec)
     import torch
     from cer_nb.core import find_label
@@ -300,11 +289,7 @@ def work_eval(spec) -> dict:
     processor.image_processor.size = {'longest_edge': image_max_pixels(spec['px']), 'shortest_edge': 56 * 56}  # more visual tokens at larger px
     kw = dict(variant=info['variant'], image_size=spec['px'])
     rss0, bs, passes = rss_mb(), spec['batch_size'], []
-    if spec['arm'] == 'generate':  # count generation's passes: one per new token, the first from the prompt
-        generate = model.generate
-        def counted(*args, **kw):
-            out = generate(*args, **kw); passes.append(out.shape[1] - kw['input_ids'].shape[1]); return out
-        model.generate = counted
+    model.register_forward_pre_hook(lambda *_: passes.append(1))  # every forward pass of the model, whichever arm
     def classify(batch):
         if spec['arm'] == 'score': return [labels[i] for i in label_logprobs(model, processor, batch, labels, **kw).argmax(-1).tolist()]
         if spec['arm'] == 'floor':  # what any way of reading an answer must do: prepare the batch, run the prompt once
@@ -322,13 +307,13 @@ def work_eval(spec) -> dict:
     acc = None if floor else sum(p == t for p, t in zip(preds, truth)) / len(truth)
     return dict(images_per_s=len(faces) / dt, seconds=dt, n_images=len(faces), accuracy=acc,
                 unparseable_rate=None if floor else sum(p is None for p in preds) / len(preds), n_labels=len(labels),
-                passes_per_batch=statistics.mean(passes) if passes else 1,  # forward passes per batch (scoring: one)
+                passes_per_batch=len(passes) / math.ceil(len(faces) / bs),  # forward passes of the model per batch
                 peak_rss_mb=peak_rss_mb(), rss_before_mb=rss0, peak_gpu_mb=_gpu_peak_mb(spec))
 
 def work_predict(spec) -> dict:
     "`predict` on a loaded model: median latency for one image, and throughput for a batch of paths."
     _setup_worker(spec)
-    import pandas as pd, torch
+    import pandas as pd
     from cer_nb.infer import predict
     paths = list(pd.read_csv(spec['test_csv']).path)
     kw = dict(method=spec['arm'], device=spec['device'])
@@ -372,7 +357,7 @@ def run_worker(spec:dict, timeout:int=1800) -> dict:
 # The run: interleaved trials, medians, ratios
 
 def interleaved(name:str, specs:dict, trials:int, rows:list, x=None, log=print):
-    "Run `trials` rounds of every arm in `specs`, alternating arms (A, B, A, B, ...); append a row per run."
+    "Run `trials` rounds of every arm in `specs`, the order reversed every other round (A, B, B, A, ...); append a row per run."
     for t in range(trials):
         for arm, spec in (specs.items() if t % 2 == 0 else reversed(list(specs.items()))):  # alternate who goes first
             res = run_worker(spec)
@@ -451,6 +436,7 @@ def main(argv=None):
     if a.check_2b:
         print(json.dumps(count_2b_params(), indent=1)); return
     import torch
+    from cer_nb.core import write_json
     if a.device == 'cuda' and not torch.cuda.is_available(): sys.exit('--device cuda: no CUDA GPU here')
     trials, steps = a.trials or (2 if a.quick else 5), a.steps or (24 if a.quick else 70)
     parts = set(a.only.split(','))
@@ -513,7 +499,7 @@ def main(argv=None):
                                 memory='peak resident set size of each measuring process (ru_maxrss, MB), includes Python, torch and the model'),
                   adapter=adapter, check_2b=count_2b_params(), rows=rows, summary=summary, ratios=rats)
     out = Path(a.out)/f'{tag}.json'
-    write_json_atomic(result, out)
+    write_json(result, out, indent=1)
     print()
     print_table(summary, rats)
     print(f"\nwrote {out} ({result['wall_seconds']:.0f} s; load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f})")

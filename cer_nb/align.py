@@ -227,11 +227,6 @@ def _describe(image) -> str:
     im = image if isinstance(image, Image.Image) else np.asarray(image)
     return f"the {im.size[0]}x{im.size[1]} {im.mode} image" if isinstance(im, Image.Image) else f"the image array of shape {im.shape}"
 
-def _center_crop(im:Image.Image, size:int) -> Image.Image:
-    w, h = im.size; s = min(w, h)
-    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-    return im.resize((size, size), Image.BILINEAR, box=box)
-
 # %% ../nbs/00a_align.ipynb 53
 def align_face(image, # anything `load_image` reads
                landmarks:np.ndarray|None=None, # (5,2) points in `image`; None to detect them
@@ -245,7 +240,7 @@ def align_face(image, # anything `load_image` reads
     if landmarks is not None: return warp_face(im, landmarks, size)
     faces = (detector or default_detector())(np.asarray(im))
     if not faces:
-        if fallback == 'center': return _center_crop(im, size)
+        if fallback == 'center': return ImageOps.fit(im, (size, size), Image.BILINEAR)
         raise NoFaceFound(f"no face found in {_describe(image)}; pass its landmarks, another detector, or fallback='center'")
     face = max(faces, key=lambda f: (f.score, (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
     return warp_face(im, face.landmarks if face.landmarks is not None else landmarks_from_box(face.box), size)

@@ -230,7 +230,7 @@ def write_predictions(table, # from `predictions_table`
                       path, # FILE.csv or FILE.json
                      ) -> Path:
     "Write the predictions table to a CSV or JSON file (a list of rows), atomically."
-    from cer_nb.evaluate import write_json
+    from cer_nb.core import write_json
     path = Path(path)
     if path.suffix.lower() not in PREDICTION_FORMATS: raise ValueError(f"--out {path}: the file name must end in .csv or .json")
     return write_json(table.to_dict(orient='records'), path) if path.suffix.lower() == '.json' else _write_csv(table, path)
@@ -266,7 +266,7 @@ _EVAL_ONLY = ('seeds', 'eval_batch_size', 'smooth_window')  # settings that chan
 
 def _claim_out(out:Path, settings:dict, base:str):
     "Record the settings that made `out`'s data and runs; refuse if `out` holds a demo made with others."
-    from cer_nb.evaluate import write_json
+    from cer_nb.core import write_json
     made = {**{k: v for k, v in settings.items() if k not in _EVAL_ONLY}, 'base': base}
     f = out/'demo_settings.json'
     if f.exists():
@@ -445,7 +445,7 @@ def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results 
             ) -> dict:
     "Run the two-stage pipeline on synthetic data; write `out/metrics.json`, confusion PNGs and ABAW submissions; return the metrics."
     from cer_nb.pretrain import tiny_base
-    from cer_nb.evaluate import write_json
+    from cer_nb.core import write_json
     t0, s, out = time.perf_counter(), demo_settings(quick, **overrides), Path(out).resolve()
     base = _model_ref(base) if base else tiny_base()
     out.mkdir(parents=True, exist_ok=True); _claim_out(out, s, base); _hush_libraries()

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 # %% auto 0
 __all__ = ['RAFDB_BASIC', 'RAFDB_COMPOUND', 'ABAW_COMPOUND', 'LABEL_SETS', 'ADVERBS', 'ADJECTIVES', 'COMPONENTS', 'RAFDB_TO_ABAW',
-           'LabelSet', 'compound_components', 'canonical_label', 'find_label', 'write_atomic']
+           'LabelSet', 'compound_components', 'canonical_label', 'parse_label', 'find_label', 'write_atomic',
+           'write_json']
 
 # %% ../nbs/00_core.ipynb 6
 @dataclass(frozen=True)
@@ -90,6 +91,32 @@ def canonical_label(text:str, # a label as written by a file, a user or a model
     return label
 
 # %% ../nbs/00_core.ipynb 24
+import numbers
+_NUMERIC = re.compile(r'\s*[+-]?\d+(\.\d*)?\s*')  # a string of digits, with an optional decimal part: '6', ' 6 ', '6.0'
+
+def parse_label(value, # an official id (int, integer-valued float, string of digits) or a label as written
+                ids:LabelSet|None=None, # numbers are official ids of this set; `None`: a number is not a label
+                labels:LabelSet|None=None, # the label must belong to this set; `None`: any known label
+               ) -> str:
+    "The canonical label of `value`, read as an official id of `ids` if it is a number and by `canonical_label` otherwise."
+    if type(value).__name__ in ('bool', 'bool_'): raise ValueError(f"{value} is a truth value, not a label id or label name")
+    if isinstance(value, numbers.Integral): i = int(value)
+    elif isinstance(value, numbers.Real) or (isinstance(value, str) and _NUMERIC.fullmatch(value)):
+        x = float(value); i = int(x) if x.is_integer() else None
+    else: return canonical_label(value, labels)
+    if ids is None: return canonical_label(value, labels)  # no id set: a number is an unknown label, as any other word
+    if i is None or not 0 <= i - ids.first_id < len(ids):
+        shown = repr(value) if isinstance(value, str) else str(value)  # numpy scalars as plain numbers
+        raise ValueError(f"{shown} is not a label id of {ids.name} (ids {ids.ids[0]}..{ids.ids[-1]})")
+    return canonical_label(ids.labels[i - ids.first_id], labels)
+
+def _parse(self:LabelSet, value) -> str:
+    "The canonical label of `value`: an official id of this set (int, integer-valued float, string of digits) or a name of one of its labels."
+    return parse_label(value, self, self)
+
+LabelSet.parse = _parse
+
+# %% ../nbs/00_core.ipynb 27
 def _spellings(label:str) -> list[str]:
     "Every lower-case, space-separated spelling that `canonical_label` maps to `label`."
     if label in COMPONENTS:
@@ -108,7 +135,7 @@ def find_label(text:str, # free text, e.g. a generated answer
     found = {l for l in found if not any(l != o and COMPONENTS.get(o) and l in COMPONENTS[o] for o in found)}
     return found.pop() if len(found) == 1 else None
 
-# %% ../nbs/00_core.ipynb 27
+# %% ../nbs/00_core.ipynb 30
 import os, uuid
 from pathlib import Path
 
@@ -124,3 +151,30 @@ def write_atomic(path, # the file to (over)write; its folder is created if missi
         os.replace(tmp, path)
     finally: tmp.unlink(missing_ok=True)
     return path
+
+# %% ../nbs/00_core.ipynb 35
+import json, math, sys
+
+def _jsonable(obj, where:str='obj'):
+    "`obj` as plain JSON values; a `TypeError` names where a value that cannot be converted sits."
+    pd, np = sys.modules.get('pandas'), sys.modules.get('numpy')
+    if pd is not None:
+        if isinstance(obj, pd.DataFrame): obj = obj.to_dict(orient='records' if isinstance(obj.index, pd.RangeIndex) else 'index')
+        elif isinstance(obj, pd.Series): obj = obj.to_dict()
+        elif obj is pd.NA: return None
+    if np is not None:
+        if isinstance(obj, np.ndarray): obj = obj.tolist()
+        elif isinstance(obj, np.generic): obj = obj.item()
+    if isinstance(obj, dict): return {(k if isinstance(k, str) else str(_jsonable(k))): _jsonable(v, f'{where}[{k!r}]') for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [_jsonable(v, f'{where}[{i}]') for i, v in enumerate(obj)]
+    if isinstance(obj, float): return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, bool, int)): return obj
+    if isinstance(obj, Path): return str(obj)
+    raise TypeError(f"{where} is of type {type(obj).__name__}, which cannot be written as JSON")
+
+def write_json(obj, # dicts, lists, numbers, numpy values and arrays, DataFrames, Series, paths
+               path, # the .json file to write
+               indent:int=2, # JSON indentation
+              ) -> Path:
+    "Write `obj` as JSON to `path` atomically (`write_atomic`), converting numpy and pandas values; NaN becomes null."
+    return write_atomic(path, json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False) + '\n')

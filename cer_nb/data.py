@@ -305,13 +305,12 @@ def load_cexpr(root, # C-EXPR folder holding `cropped_aligned/` and/or `videos/`
 # %% ../nbs/01_data.ipynb 51
 ABAW_SUBMISSION_HEADER = 'image_location,' + ','.join(ABAW_CLASS_NAMES)
 
-def abaw_class_index(value, # a class index 0-6 (int or numeric string) or a label name
+def abaw_class_index(value, # a class index 0-6 (int, integer-valued float or string of digits) or a label name
                     ) -> int:
-    "The ABAW class index (0-6) of a predicted `value`."
-    if isinstance(value, str) and not re.fullmatch(r'\s*-?\d+\s*', value): return ABAW_COMPOUND.id_of(canonical_label(value, ABAW_COMPOUND))
+    "The ABAW class index (0-6) of a predicted `value`, read by `LabelSet.parse`; a missing value is an error."
     if value is None or pd.isna(value): raise ValueError(f"missing prediction ({value!r})")
-    if float(value) != int(value): raise ValueError(f"{value!r} is not an ABAW class index or label")
-    return ABAW_COMPOUND.id_of(ABAW_COMPOUND.label_of(int(value)))
+    if isinstance(value, float) and not value.is_integer(): raise ValueError(f"{value!r} is not an ABAW class index or label")  # parse refuses it too; this says so in ABAW's terms
+    return ABAW_COMPOUND.id_of(ABAW_COMPOUND.parse(value))
 
 # %% ../nbs/01_data.ipynb 53
 def _bad_item(i, r): raise ValueError(f"item {i}: expected (image_location, prediction), got {r!r}")

@@ -12,24 +12,24 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, recall_score
-from .core import ABAW_COMPOUND, COMPONENTS, RAFDB_BASIC, RAFDB_COMPOUND, LabelSet, canonical_label, write_atomic
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from .core import ABAW_COMPOUND, COMPONENTS, RAFDB_BASIC, RAFDB_COMPOUND, LabelSet, canonical_label, parse_label, write_atomic, write_json
 
 # %% auto 0
 __all__ = ['NO_ANSWER', 'WRONG_PARTS', 'classification_metrics', 'top_labels', 'abaw_f1', 'confusion_table', 'plot_confusion',
            'plot_confusions', 'save_figure', 'component_errors', 'component_summary', 'lost_emotions',
            'component_chance', 'plot_component_errors', 'reliability', 'plot_reliability', 'smooth_probs',
-           'prediction_switches', 'plot_frame_labels', 'write_json']
+           'prediction_switches', 'plot_frame_labels']
 
 # %% ../nbs/07_evaluate.ipynb 6
 NO_ANSWER = '(no answer)'  # how a prediction of `None` (an unparseable answer) shows in tables and plots
 
 def _is_missing(v) -> bool: return v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and np.isnan(v))
 
-def _canonical(values, # labels: canonical names, any spelling `canonical_label` reads, or (with `ids`) official ids
+def _canonical(values, # labels: canonical names, any spelling `canonical_label` reads, or (with `ids`) official ids, as `parse_label` reads them
                what:str, # the argument's name, for errors
                labels:LabelSet|None=None, # the set the labels must belong to; `None`: any known label
-               ids:LabelSet|None=None, # numbers are official ids of this label set
+               ids:LabelSet|None=None, # numbers (and strings of digits) are official ids of this label set
                missing_ok:bool=False, # `None`/NaN become `None` instead of an error
               ) -> list[str|None]:
     "Canonical labels of `values`; an error names the position and the value at fault."
@@ -39,10 +39,10 @@ def _canonical(values, # labels: canonical names, any spelling `canonical_label`
             if _is_missing(v):
                 if not missing_ok: raise ValueError(f"{v!r} is missing; every example needs a label here")
                 out.append(None)
-            elif v in seen: out.append(seen[v])
-            elif ids is not None and not isinstance(v, str):
-                out.append(seen.setdefault(v, canonical_label(ids.label_of(int(v) if float(v).is_integer() else v), labels)))
-            else: out.append(seen.setdefault(v, canonical_label(v, labels)))
+                continue
+            key = (type(v), v)  # by type too: True == 1 and hash alike, but True is refused and 1 is not
+            if key not in seen: seen[key] = parse_label(v, ids, labels)
+            out.append(seen[key])
         except (ValueError, TypeError) as e: raise ValueError(f"{what}[{i}]: {e}") from None
     return out
 
@@ -67,9 +67,8 @@ def classification_metrics(y_true, # true labels
     precision, recall, f1, support = precision_recall_fscore_support(t, p, labels=ks, zero_division=0)
     per_class = pd.DataFrame({'precision': precision, 'recall': recall, 'f1': f1, 'support': support,
                               'predicted': np.bincount(p[p >= 0], minlength=len(ks))}, index=pd.Index(classes, name='label'))
-    return {'n': len(true), 'accuracy': float(accuracy_score(t, p)),
-            'macro_f1': float(f1_score(t, p, labels=ks, average='macro', zero_division=0)),
-            'mean_class_accuracy': float(recall_score(t, p, labels=ks, average='macro', zero_division=0)),
+    # the averages over all classes of the set are those of scikit-learn's average='macro' with the same labels= and zero_division
+    return {'n': len(true), 'accuracy': float(np.mean(t == p)), 'macro_f1': float(f1.mean()), 'mean_class_accuracy': float(recall.mean()),
             'unparseable': pred.count(NO_ANSWER), 'outside_label_set': sum(p != NO_ANSWER and p not in labels for p in pred),
             'per_class': per_class}
 
@@ -136,24 +135,29 @@ def plot_confusion(y_true, # true labels
                    cmap:str='Blues', # matplotlib colormap
                   ) -> plt.Axes:
     "Seaborn heatmap of the confusion matrix in official class order: counts or row-normalised."
-    cm = confusion_table(y_true, y_pred, labels, normalize)
+    y_true, y_pred = _paired(y_true, y_pred)
+    return _draw_confusion(confusion_table(y_true, y_pred, labels, normalize), normalize, ax, title, len(y_true), cmap)
+
+def _draw_confusion(cm:pd.DataFrame, normalize:bool, ax:plt.Axes|None, title:str|None, n:int, cmap:str='Blues') -> plt.Axes:
+    "Draw confusion table `cm` (from `confusion_table`) of `n` examples as a heatmap."
     if ax is None: _, ax = plt.subplots(figsize=(0.55*cm.shape[1] + 2.5, 0.45*cm.shape[0] + 2))
     annot = cm.map(lambda v: '' if v == 0 else f'{v:.2f}'.lstrip('0') if normalize else f'{v:.0f}')
     sns.heatmap(cm, annot=annot, fmt='', cmap=cmap, cbar=False, vmin=0, vmax=1 if normalize else None,
                 linewidths=0.5, linecolor='white', annot_kws={'fontsize': 8}, ax=ax)
     ax.set_xticks(ax.get_xticks(), cm.columns, rotation=45, ha='right', rotation_mode='anchor')
     ax.set(xlabel='predicted', ylabel='true',
-           title=title or f"{'Row-normalised (recall on the diagonal)' if normalize else 'Counts'}, n={len(list(y_true))}")
+           title=title or f"{'Row-normalised (recall on the diagonal)' if normalize else 'Counts'}, n={n}")
     return ax
 
 def plot_confusions(y_true, y_pred, labels:LabelSet, # as for `plot_confusion`
                     title:str|None=None, # the figure's title
                    ) -> plt.Figure:
     "Counts and row-normalised confusion heatmaps side by side."
-    ncols = len(confusion_table(y_true, y_pred, labels).columns)
-    fig, axs = plt.subplots(1, 2, figsize=(2*(0.55*ncols + 2.5), 0.45*len(labels) + 2.2))
-    plot_confusion(y_true, y_pred, labels, ax=axs[0])
-    plot_confusion(y_true, y_pred, labels, normalize=True, ax=axs[1])
+    y_true, y_pred = _paired(y_true, y_pred)
+    counts, shares = (confusion_table(y_true, y_pred, labels, normalize) for normalize in (False, True))
+    fig, axs = plt.subplots(1, 2, figsize=(2*(0.55*counts.shape[1] + 2.5), 0.45*len(labels) + 2.2))
+    _draw_confusion(counts, False, axs[0], None, len(y_true))
+    _draw_confusion(shares, True, axs[1], None, len(y_true))
     axs[1].set_ylabel('')
     if title: fig.suptitle(title)
     fig.tight_layout()
@@ -202,7 +206,10 @@ def component_summary(y_true, # true compound labels
                       y_pred, # predicted labels; `None` for no answer
                      ) -> pd.DataFrame:
     "Per true compound (official order) and in all: examples, correct answers, and wrong ones by the part they lost."
-    df = _components(y_true, y_pred)
+    return _summary_of(_components(y_true, y_pred))
+
+def _summary_of(df:pd.DataFrame) -> pd.DataFrame:
+    "`component_summary` of a `_components` table."
     table = pd.crosstab(pd.Categorical(df.true, categories=list(RAFDB_COMPOUND)), df.wrong, dropna=False)
     table.insert(0, 'n', table.sum(axis=1))
     table = table[table.n > 0].rename_axis(index='true', columns=None)
@@ -213,7 +220,10 @@ def lost_emotions(y_true, # true compound labels
                   y_pred, # predicted labels; `None` (no answer) is left out
                  ) -> pd.DataFrame:
     "Per basic emotion: parseable answers whose true compound contains it, and how often the prediction lost it, by role."
-    df = _components(y_true, y_pred)
+    return _lost_of(_components(y_true, y_pred))
+
+def _lost_of(df:pd.DataFrame) -> pd.DataFrame:
+    "`lost_emotions` of a `_components` table."
     df = df[df.wrong != 'unparseable']
     count = lambda s: s.value_counts().reindex(list(RAFDB_BASIC), fill_value=0)
     table = pd.DataFrame({'in_true': count(df.dominant) + count(df.secondary),
@@ -246,9 +256,10 @@ def plot_component_errors(y_true, # true compound labels
                           title:str|None=None, # the figure's title
                          ) -> plt.Figure:
     "Stacked bars: per true compound, the share of answers correct or losing each part; per basic emotion, how often it was lost."
-    summary = component_summary(y_true, y_pred).drop(index='all')
+    parts = _components(y_true, y_pred)
+    summary = _summary_of(parts).drop(index='all')
     shares = summary.drop(columns='n').div(summary.n, axis=0)
-    lost = lost_emotions(y_true, y_pred)
+    lost = _lost_of(parts)
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 0.35*len(shares) + 1.8), width_ratios=(3, 2))
     shares.plot.barh(stacked=True, ax=ax0, color=[_PART_COLOURS[c] for c in shares.columns], width=0.8)
     ax0.set(xlim=(0, 1), xlabel='share of answers', ylabel='true compound', title='What the answers lost')
@@ -343,26 +354,3 @@ def plot_frame_labels(tracks:dict, # name -> per-frame labels of one video (None
     ax.legend([Patch(color=cmap(i)) for i in shown], [labels[i] if i < k else 'other label' for i in shown],
               ncols=4, fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.22), frameon=False)
     return ax
-
-# %% ../nbs/07_evaluate.ipynb 68
-def _jsonable(obj, where:str='obj'):
-    "`obj` as plain JSON values; a `TypeError` names where a value that cannot be converted sits."
-    if isinstance(obj, pd.DataFrame):
-        obj = obj.to_dict(orient='records' if isinstance(obj.index, pd.RangeIndex) else 'index')
-    elif isinstance(obj, (pd.Series, np.ndarray)): obj = obj.to_dict() if isinstance(obj, pd.Series) else obj.tolist()
-    if isinstance(obj, dict): return {(k if isinstance(k, str) else str(k.item() if isinstance(k, np.generic) else k)): _jsonable(v, f'{where}[{k!r}]') for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return [_jsonable(v, f'{where}[{i}]') for i, v in enumerate(obj)]
-    if isinstance(obj, np.generic): obj = obj.item()
-    if obj is None or _is_missing(obj): return None
-    if isinstance(obj, float): return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, bool, int)): return obj
-    if isinstance(obj, Path): return str(obj)
-    raise TypeError(f"{where} is of type {type(obj).__name__}, which cannot be written as JSON")
-
-def write_json(obj, # metrics: dicts, lists, numbers, numpy values, DataFrames, Series
-               path, # the .json file to write
-               indent:int=2, # JSON indentation
-              ) -> Path:
-    "Write `obj` as JSON to `path` atomically, converting numpy and pandas values; NaN becomes null."
-    text = json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False) + '\n'
-    return write_atomic(path, text)

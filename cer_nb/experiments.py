@@ -181,22 +181,14 @@ def cexpr_metrics(run, bench:Benchmark, window:int=9) -> dict:
 # %% ../nbs/09_experiments.ipynb 36
 def decoding_metrics(run, bench:Benchmark) -> dict:
     "Accuracy, unparseable answers and seconds per image on the compound test split, by label scoring (sum, per token) and generate-and-parse."
-    import torch
-    from cer_nb.infer import predict, load_checkpoint, label_logprobs
+    from cer_nb.infer import predict
     test = bench.rafdb('compound', 'test'); faces = test.path.tolist()
-    model, processor, info = load_checkpoint(run)
     predict(faces[:8], run, batch_size=8); predict(faces[:8], run, batch_size=8, method='generate')  # warm-up
-    out, kw = {}, dict(variant=info['variant'], image_size=info['image_size'])
-    for name in ('score', 'score_per_token', 'generate'):
-        start = time.time()
-        if name == 'score_per_token':
-            lp = torch.cat([label_logprobs(model, processor, faces[i:i+32], RAFDB_COMPOUND, per_token=True, **kw) for i in range(0, len(faces), 32)])
-            preds, answers = [RAFDB_COMPOUND[i] for i in lp.argmax(1).tolist()], None
-        else:
-            p = predict(faces, run, batch_size=32, method=name.split('_')[0])
-            preds, answers = [x.label for x in p], [x.answer for x in p]
-        out[name] = _scores(test.label, preds, RAFDB_COMPOUND) | {'seconds_per_image': (time.time() - start) / len(faces)}
-        if name == 'generate': out[name]['answers'] = answers[:8]
+    out = {}
+    for name, kw in (('score', {}), ('score_per_token', {'per_token': True}), ('generate', {'method': 'generate'})):
+        start = time.time(); p = predict(faces, run, batch_size=32, **kw)
+        out[name] = _scores(test.label, [x.label for x in p], RAFDB_COMPOUND) | {'seconds_per_image': (time.time() - start) / len(faces)}
+        if name == 'generate': out[name]['answers'] = [x.answer for x in p[:8]]
     return out
 
 # %% ../nbs/09_experiments.ipynb 38
@@ -206,11 +198,6 @@ MEASURES = {'compound': compound_metrics,
             'cexpr': cexpr_metrics, 'decoding': decoding_metrics}
 
 # %% ../nbs/09_experiments.ipynb 40
-def _git_commit() -> str|None:
-    import subprocess
-    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True, timeout=5).stdout.strip()
-    except Exception: return None
-
 def adapter_params(run) -> int:
     "Number of parameters in a run's saved LoRA adapter."
     from safetensors import safe_open
@@ -224,18 +211,19 @@ def run_condition(experiment:str, # the experiment's name: the results subfolder
                   results='results', # the results folder
                  ) -> dict:
     "Train (or reuse) and measure one condition for one seed, writing its result file once; returns the result."
-    from cer_nb.train import read_run_info
+    from cer_nb.train import read_run_info, git_commit
     from cer_nb.infer import clear_checkpoints
-    from cer_nb.evaluate import write_json
+    from cer_nb.core import write_json
     path = Path(results)/experiment/f'{cond.name}_seed{seed}.json'
     if path.exists(): return json.loads(path.read_text())
     if bad := [m for m in measures if m not in MEASURES]: raise ValueError(f"unknown measures {bad}; expected some of {list(MEASURES)}")
     start = time.time()
     run = train_condition(cond, seed, bench)
-    stages = [read_run_info(run)] + ([read_run_info(read_run_info(run)['config']['init_from'])] if cond.method == 'two-stage' else [])
+    info = read_run_info(run)
+    stages = [info] + ([read_run_info(info['config']['init_from'])] if cond.method == 'two-stage' else [])
     result = dict(experiment=experiment, condition=cond.name, seed=seed, **asdict(cond), benchmark=bench.spec(),
                   train_steps=sum(s['metrics']['steps'] for s in stages), train_seconds=round(sum(s['metrics']['seconds'] for s in stages), 2),
-                  train_loss=read_run_info(run)['metrics']['train_loss'], adapter_params=adapter_params(run), git_commit=_git_commit(),
+                  train_loss=info['metrics']['train_loss'], adapter_params=adapter_params(run), git_commit=git_commit(),
                   metrics={m: MEASURES[m](run, bench) for m in measures})
     result['wall_seconds'] = round(time.time() - start, 2)  # this call: training only what was missing, and measuring
     clear_checkpoints()
@@ -260,7 +248,7 @@ def run_experiment(experiment:str, # the results subfolder
                    results='results', # the results folder
                   ) -> list[dict]:
     "Run (or read back) every condition for every seed; returns the results."
-    from cer_nb.evaluate import write_json
+    from cer_nb.core import write_json
     record = Path(results)/'benchmark.json'
     if not record.exists(): write_json(benchmark_record(bench), record)
     elif (key := json.loads(record.read_text())['key']) != bench.key:

@@ -13,7 +13,7 @@ from PIL import Image
 from .core import LabelSet, LABEL_SETS, find_label
 from .align import load_image, align_face
 from .prompts import chat_messages, DEFAULT_VARIANT
-from .model import load_lvlm, AnswerCollator
+from .model import load_lvlm, AnswerCollator, merge_adapters
 from transformers import BatchFeature
 
 # %% auto 0
@@ -182,10 +182,10 @@ def load_checkpoint(checkpoint, # a run directory, a base model folder, or a Hub
     if key not in _LOADED:
         model, processor = load_lvlm(info['base_model'], dtype=dtype, device_map=device, max_pixels=info['max_pixels'] or 224 * 224)
         if info['path']:
-            from peft import PeftModel
-            for earlier in info.get('merge_before') or []: model = PeftModel.from_pretrained(model, earlier).merge_and_unload()
-            model = PeftModel.from_pretrained(model, info['path'])
-            if merge: model = model.merge_and_unload()
+            model = merge_adapters(model, [*(info.get('merge_before') or []), *([info['path']] if merge else [])])
+            if not merge:
+                from peft import PeftModel
+                model = PeftModel.from_pretrained(model, info['path'])
         _LOADED[key] = (model.eval(), processor, info)
     return _LOADED[key]
 
@@ -223,6 +223,7 @@ def predict(images, # one face or a list: paths, PIL images (any mode), numpy ar
             batch_size:int=8, # faces per forward pass
             method:str='score', # 'score' every label, or 'generate' an answer and parse it (the paper's way)
             variant:str|None=None, # prompt variant; None: the run's (base model: 'context')
+            per_token:bool=False, # method 'score': rank by the mean token log-prob (see `label_logprobs`), not the sum
             device:str|None=None, # e.g. 'cuda', 'cpu'; None: the GPU if there is one
            ) -> list[Prediction]:
     "The predicted expression of each face."
@@ -236,7 +237,7 @@ def predict(images, # one face or a list: paths, PIL images (any mode), numpy ar
     for i in range(0, len(faces), batch_size):
         batch = faces[i:i + batch_size]
         if method == 'score':
-            for row in label_logprobs(model, processor, batch, labels, **kw).softmax(-1).tolist():
+            for row in label_logprobs(model, processor, batch, labels, per_token=per_token, **kw).softmax(-1).tolist():
                 preds.append(Prediction(labels[int(np.argmax(row))], dict(zip(labels, row))))
         else: preds += [Prediction(find_label(a, labels), answer=a) for a in generate_answers(model, processor, batch, labels, **kw)]
     return preds

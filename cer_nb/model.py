@@ -16,7 +16,7 @@ from .align import load_image
 # %% auto 0
 __all__ = ['QWEN2VL_CHAT_TEMPLATE', 'FAMILIES', 'QWEN2VL_SPECIAL_TOKENS', 'LORA_PRESETS', 'Family', 'family_of',
            'ImageOnlyQwen2VLProcessor', 'torchvision_available', 'load_processor', 'load_lvlm', 'tiny_qwen2vl_config',
-           'make_tiny_lvlm', 'AnswerCollator', 'pixel_table', 'PreparedExamples', 'lora_config']
+           'make_tiny_lvlm', 'AnswerCollator', 'pixel_table', 'PreparedExamples', 'lora_config', 'merge_adapters']
 
 # %% ../nbs/03_model.ipynb 6
 @dataclass(frozen=True)
@@ -304,3 +304,12 @@ def lora_config(model, # the base model (its family decides the module names)
     f = family_of(model)
     targets = {'lm': f.lm_targets, 'vision': f.vision_targets, 'lm+vision': f'({f.lm_targets})|({f.vision_targets})'}[preset]
     return LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=targets, task_type='CAUSAL_LM')
+
+# %% ../nbs/03_model.ipynb 46
+def merge_adapters(model, # the base model
+                   adapters, # LoRA adapter folders (e.g. run directories), merged in this order
+                  ):
+    "`model` with every adapter of `adapters` loaded and merged into its weights, in order; no peft wrapper is left."
+    from peft import PeftModel
+    for path in adapters: model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return model

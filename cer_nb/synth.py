@@ -12,7 +12,8 @@ import pandas as pd
 import cv2
 from PIL import Image
 from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, COMPONENTS, canonical_label, write_atomic
-from .align import canonical_landmarks, similarity_transform
+from .align import canonical_landmarks, similarity_transform, transform_points
+from .data import RAFDB_LABEL_FILE, ABAW_CLASS_NAMES
 
 # %% auto 0
 __all__ = ['AU_NAMES', 'AUS', 'BASIC_AUS', 'EXPRESSION_AUS', 'AU_PHRASES', 'RAFDB_BASIC_TRAIN_COUNTS', 'RAFDB_COMPOUND_COUNTS',
@@ -128,7 +129,7 @@ def _geometry(idt:dict, aus:dict, yaw:float=0.) -> dict:
     hw = (_TEMPLATE[4, 0] - _TEMPLATE[3, 0]) / 2 * idt['mouth_w'] * (1 + .2*a(12) + .38*a(20) - .22*a(23) - .04*a(15))
     corner = my - 6*a(12) + 3.8*a(15) + 2*a(20) + 1.2*a(26)
     mx = _TEMPLATE[3:, 0].mean() + 3*yaw
-    g.update(mouth_l=np.array([mx - hw, corner]), mouth_r=np.array([mx + hw, corner]), mouth_x=mx, mouth_y=my, mouth_hw=hw)
+    g.update(mouth_l=np.array([mx - hw, corner]), mouth_r=np.array([mx + hw, corner]), mouth_x=mx)
     gap = 3.5*a(25) + 10*a(26)
     g.update(lip_upper_in=my - .35*gap - 2.6*a(10), lip_lower_in=my + .65*gap - .8*a(17))
     thin = 1 - .6*a(23) - .35*a(20)
@@ -175,7 +176,7 @@ def _stroke_polygon(pts, width):
 class _Pen:
     "Draws face-frame polygons into `img` (H×W×3 uint8) through the 2×3 transform `T`, anti-aliased."
     def __init__(self, img, T): self.img, self.T = img, np.asarray(T, float)
-    def _px(self, pts): return np.rint((pts @ self.T[:, :2].T + self.T[:, 2]) * 16).astype(np.int32)
+    def _px(self, pts): return np.rint(transform_points(self.T, pts) * 16).astype(np.int32)
     def fills(self, polys, color):
         "Fill polygons (a list, or a k×n×2 array) in one call; they must not overlap (overlaps cancel out)."
         try: px = list(self._px(np.asarray(polys, float)))
@@ -361,10 +362,15 @@ def aligned_transform(idt:dict, aus:dict, yaw:float=0., size:int=100) -> np.ndar
     "2×3 transform from the face frame to a `size`×`size` aligned crop, as RAF-DB alignment would place the face."
     return similarity_transform(face_landmarks(idt, aus, yaw), canonical_landmarks(size))
 
+def _jpeg_bytes(img:np.ndarray, quality:int) -> bytes:
+    "`img` (RGB uint8) encoded as a JPEG file at `quality`."
+    ok, buf = cv2.imencode('.jpg', np.ascontiguousarray(img[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok: raise ValueError(f"OpenCV could not encode the {img.shape} {img.dtype} image as JPEG at quality {quality}")
+    return buf.tobytes()
+
 def jpeg_roundtrip(img:np.ndarray, quality:int) -> np.ndarray:
     "`img` (RGB uint8) after JPEG compression at `quality`."
-    ok, buf = cv2.imencode('.jpg', img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+    return np.ascontiguousarray(cv2.imdecode(np.frombuffer(_jpeg_bytes(img, quality), np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
 
 # %% ../nbs/00b_synth.ipynb 47
 def jitter_aus(aus:dict, rng:np.random.Generator, strength:tuple=(.7, 1.)) -> dict:
@@ -439,8 +445,6 @@ def _split_labels(counts:dict, test_fraction:float, rng) -> dict[str, list[str]]
         splits['test'] += [label] * n_test; splits['train'] += [label] * (c - n_test)
     return {k: [v[i] for i in rng.permutation(len(v))] for k, v in splits.items()}
 
-def _jpeg_bytes(img, quality): return cv2.imencode('.jpg', np.ascontiguousarray(img[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])[1].tobytes()
-
 def _build_dataset(root:Path, marker:str, params:dict, parts:tuple, build) -> Path:
     "Run `build(folder)` in a hidden folder inside `root`, then move `parts` and `marker` into `root`, unless `root` is already complete."
     root = Path(root); done = lambda: (root/marker).exists() and json.loads((root/marker).read_text()) == params
@@ -471,7 +475,7 @@ def synth_rafdb_picture(label:str, # expression label
     W, H = (int(v) for v in rng.integers(original_size[0], original_size[1] + 1, 2))
     A = aligned_transform(idt, aus, view['yaw'], aligned_size)
     O, pose = _random_pose(rng, W, H, A * (100 / aligned_size))
-    lm = face_landmarks(idt, aus, view['yaw']) @ O[:, :2].T + O[:, 2]
+    lm = transform_points(O, face_landmarks(idt, aus, view['yaw']))
     original, aligned = render(idt, aus, view, O, (W, H), rng), render(idt, aus, view, A, (aligned_size, aligned_size), rng)
     return dict(s, original=original, aligned=aligned, landmarks=lm, pose=dict(pose, width=W, height=H))
 
@@ -515,7 +519,7 @@ def make_synthetic_rafdb(root:str|Path, # folder to write (created if missing)
                     name = f'{split}_{i+1:0{digits[split]}d}.jpg'
                     rows.append(dict(subset=subset, split=split, **_write_rafdb_picture(out/subset, name, pic, labels)))
                     lines.append(f'{name} {labels.id_of(label)}\n')
-            write_atomic(out/subset/'EmoLabel'/'list_patition_label.txt', ''.join(lines))
+            write_atomic(out/subset/RAFDB_LABEL_FILE, ''.join(lines))
         write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
         write_atomic(out/'synthetic_rafdb.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_rafdb.json', params, (*_RAFDB_SUBSETS, 'synthetic_meta.csv'), build)
@@ -578,7 +582,7 @@ def make_synthetic_cexpr(root:str|Path, # folder to write (created if missing)
     if not set(write) <= {'videos', 'frames'}: raise ValueError(f"write={write!r}: expected a subset of ('videos', 'frames')")
     params = dict(version=SYNTH_VERSION, n_videos=n_videos, frames=frames, fps=fps, seed=seed, size=size,
                   frame_size=list(frame_size), second_prob=second_prob, write=sorted(write))
-    header = ','.join(l.replace(' ', '_') for l in ABAW_COMPOUND)
+    header = ','.join(ABAW_CLASS_NAMES)
     def build(out:Path):
         rows = []
         for i in range(n_videos):

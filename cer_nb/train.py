@@ -10,13 +10,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 from PIL import Image
-from .core import LABEL_SETS, write_atomic
+from .core import LABEL_SETS, write_json
 from .align import load_image
-from .model import load_lvlm, AnswerCollator, PreparedExamples, lora_config
+from .model import load_lvlm, AnswerCollator, PreparedExamples, lora_config, merge_adapters
 
 # %% auto 0
-__all__ = ['PRESETS', 'PRESET_ESTIMATES', 'RUN_INFO', 'StageConfig', 'FaceDataset', 'write_json_atomic', 'read_run_info',
-           'stage_model', 'train_stage', 'stage2_config', 'plot_loss']
+__all__ = ['PRESETS', 'PRESET_ESTIMATES', 'RUN_INFO', 'StageConfig', 'FaceDataset', 'read_run_info', 'git_commit', 'stage_model',
+           'train_stage', 'stage2_config', 'plot_loss']
 
 # %% ../nbs/04_stage1_basic.ipynb 6
 @dataclass
@@ -91,26 +91,19 @@ class FaceDataset(torch.utils.data.Dataset):
 # %% ../nbs/04_stage1_basic.ipynb 13
 RUN_INFO = 'cer_nb.json'
 
-def write_json_atomic(obj, path) -> Path:
-    "Write `obj` as JSON to `path` all at once (`cer_nb.core.write_atomic`), so readers never see half a file."
-    return write_atomic(path, json.dumps(obj, indent=2, default=str))
-
 def read_run_info(run_dir) -> dict:
     "The `cer_nb.json` of a finished run; a clear error if `run_dir` is not one."
     f = Path(run_dir)/RUN_INFO
     if not f.exists(): raise FileNotFoundError(f"{run_dir} is not a finished cer_nb run: {f} is missing")
     return json.loads(f.read_text())
 
-def _git_commit():
-    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True, timeout=5).stdout.strip()
+def git_commit(folder=None) -> str|None:
+    "The commit checked out in the git repository holding `folder` (default: the working directory); None outside one."
+    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=folder, capture_output=True, text=True, check=True, timeout=5).stdout.strip()
     except Exception: return None
 
 # %% ../nbs/04_stage1_basic.ipynb 15
 from peft import PeftModel, get_peft_model
-
-def _apply_merges(model, merge_before):
-    for prev in merge_before: model = PeftModel.from_pretrained(model, prev).merge_and_unload()
-    return model
 
 def stage_model(cfg:StageConfig):
     "The trainable peft model and processor for `cfg`, and the adapters merged into its base."
@@ -120,10 +113,10 @@ def stage_model(cfg:StageConfig):
         prev = read_run_info(cfg.init_from)
         if prev['base_model'] != cfg.base_model:
             raise ValueError(f"init_from={cfg.init_from} was trained on base {prev['base_model']!r}, not {cfg.base_model!r}")
-        model = _apply_merges(model, prev['merge_before'])
         if cfg.init_mode == 'continue':
-            return PeftModel.from_pretrained(model, cfg.init_from, is_trainable=True), processor, prev['merge_before']
-        model, merge_before = PeftModel.from_pretrained(model, cfg.init_from).merge_and_unload(), prev['merge_before'] + [str(Path(cfg.init_from).resolve())]
+            return PeftModel.from_pretrained(merge_adapters(model, prev['merge_before']), cfg.init_from, is_trainable=True), processor, prev['merge_before']
+        merge_before = prev['merge_before'] + [str(Path(cfg.init_from).resolve())]
+        model = merge_adapters(model, merge_before)
     lcfg = lora_config(model, cfg.lora_preset, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     return get_peft_model(model, lcfg), processor, merge_before
 
@@ -178,14 +171,14 @@ def train_stage(cfg:StageConfig, # what to train
 # %% ../nbs/04_stage1_basic.ipynb 19
 def _save_run(trainer, processor, cfg, run_dir, merge_before, train, out, seconds, resumed_from):
     trainer.model.save_pretrained(run_dir); processor.save_pretrained(run_dir)
-    write_json_atomic(trainer.state.log_history, run_dir/'log_history.json')
+    write_json(trainer.state.log_history, run_dir/'log_history.json')
     info = dict(stage=cfg.stage, base_model=cfg.base_model, merge_before=merge_before, labels=cfg.labels, variant=cfg.variant,
                 image_size=cfg.image_size, max_pixels=cfg.max_pixels, seed=cfg.seed, config=asdict(cfg),
                 data_counts={'train': len(train), **{f'train/{k}': int(v) for k, v in train['label'].value_counts().items()}},
-                git_commit=_git_commit(), resumed_from=resumed_from, world_size=trainer.args.world_size,
+                git_commit=git_commit(), resumed_from=resumed_from, world_size=trainer.args.world_size,
                 metrics=dict(train_loss=out.training_loss, steps=out.global_step, seconds=round(seconds, 2),
                              samples_per_second=out.metrics.get('train_samples_per_second')))
-    write_json_atomic(info, run_dir/RUN_INFO)
+    write_json(info, run_dir/RUN_INFO)
     shutil.rmtree(run_dir/'checkpoints', ignore_errors=True)
 
 # %% ../nbs/04_stage1_basic.ipynb 21
