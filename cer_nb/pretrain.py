@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import cer_nb
-from .core import RAFDB_BASIC, RAFDB_COMPOUND
+from .core import RAFDB_BASIC, RAFDB_COMPOUND, write_json
 from .synth import render_faces, describe_aus, AU_PHRASES
-from .model import make_tiny_lvlm, load_lvlm, AnswerCollator
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from .model import load_lvlm, AnswerCollator
+from .replicas import train_tokenizer, QWEN2_TOKENS, QWEN_ROLES, QWEN2VL_CHAT_TEMPLATE, QWEN2VL_IMAGE
 
 # %% auto 0
-__all__ = ['DESCRIBE_PROMPT', 'PRETRAIN_EXPRESSIONS', 'describe_examples', 'pretrain_tiny', 'tiny_base', 'describe', 'phrase_f1']
+__all__ = ['DESCRIBE_PROMPT', 'PRETRAIN_EXPRESSIONS', 'describe_examples', 'tiny_init', 'pretrain_tiny', 'tiny_base', 'describe',
+           'phrase_f1']
 
-# %% ../nbs/03a_pretrain.ipynb 6
+# %% ../nbs/03a_pretrain.ipynb 8
 DESCRIBE_PROMPT = 'Describe the facial muscle movements in this face.'
 PRETRAIN_EXPRESSIONS = tuple(RAFDB_BASIC) + tuple(RAFDB_COMPOUND)
 
@@ -28,7 +31,40 @@ def describe_examples(n:int, # number of faces
     labels = [PRETRAIN_EXPRESSIONS[i % len(PRETRAIN_EXPRESSIONS)] for i in range(n)]
     return [{'image': img, 'prompt': DESCRIBE_PROMPT, 'answer': describe_aus(aus)} for img, aus in render_faces(labels, seed=seed, size=size)]
 
-# %% ../nbs/03a_pretrain.ipynb 9
+# %% ../nbs/03a_pretrain.ipynb 11
+def _tiny_config(tok) -> Qwen2VLConfig:
+    "Qwen2-VL at width 64, two layers (head dim 16: M-RoPE sections 4+2+2), token ids from `tok`."
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in [('image_token_id', '<|image_pad|>'), ('video_token_id', '<|video_pad|>'),
+           ('vision_start_token_id', '<|vision_start|>'), ('vision_end_token_id', '<|vision_end|>')]}
+    special = dict(bos_token_id=tok.convert_tokens_to_ids('<|endoftext|>'), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, rope_parameters=dict(rope_type='default', mrope_section=[4, 2, 2], rope_theta=10000.0), **special)
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids, **special)
+
+def _write_processor_files(path:Path, image_settings:dict):
+    "`preprocessor_config.json` and `processor_config.json` as a Hub checkpoint has them, naming the stock classes."
+    for name, settings in (('preprocessor_config.json', image_settings), ('processor_config.json', {})):
+        write_json({**settings, 'processor_class': 'Qwen2VLProcessor'}, path/name)
+
+# %% ../nbs/03a_pretrain.ipynb 12
+def tiny_init(path, # folder to write the checkpoint to
+              seed:int=0, # seed of the random initialisation
+             ) -> Path:
+    "The tiny random Qwen2-VL that pre-training starts from, saved with its tokenizer and processor settings."
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    chat_words = ['You are a helpful assistant.', 'system', 'user', 'assistant']
+    tok = train_tokenizer(QWEN2_TOKENS, QWEN_ROLES, None, vocab_size=1024 - len(QWEN2_TOKENS),
+                          extra_corpus=chat_words + list(AU_PHRASES.values()) + [DESCRIBE_PROMPT])
+    tok.chat_template = QWEN2VL_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(_tiny_config(tok))
+    model.generation_config.eos_token_id = [tok.eos_token_id]
+    model.save_pretrained(path); tok.save_pretrained(path)
+    _write_processor_files(path, {**QWEN2VL_IMAGE, 'min_pixels': 56 * 56, 'max_pixels': 224 * 224})
+    return path
+
+# %% ../nbs/03a_pretrain.ipynb 14
 from transformers import Trainer, TrainingArguments, set_seed
 
 def pretrain_tiny(out_dir, # folder for the pre-trained checkpoint
@@ -41,7 +77,7 @@ def pretrain_tiny(out_dir, # folder for the pre-trained checkpoint
     "Build the tiny Qwen2-VL and fully train it to describe synthetic faces; returns the checkpoint folder."
     out_dir = Path(out_dir)
     work = Path(tempfile.mkdtemp())
-    base = make_tiny_lvlm(work/'init', seed=seed, extra_corpus=list(AU_PHRASES.values()) + [DESCRIBE_PROMPT])
+    base = tiny_init(work/'init', seed=seed)
     set_seed(seed)
     model, processor = load_lvlm(base)
     args = TrainingArguments(output_dir=str(work/'ckpt'), max_steps=steps, per_device_train_batch_size=batch_size,
@@ -54,14 +90,14 @@ def pretrain_tiny(out_dir, # folder for the pre-trained checkpoint
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
 
-# %% ../nbs/03a_pretrain.ipynb 13
+# %% ../nbs/03a_pretrain.ipynb 18
 def tiny_base() -> str:
     "Path of the pre-trained tiny Qwen2-VL face model shipped with the package."
     path = Path(cer_nb.__file__).parent/'assets'/'tiny-qwen2vl-faces'
     if not (path/'model.safetensors').exists(): raise FileNotFoundError(f"the tiny base model is missing from {path}: reinstall cer_nb or rebuild it with pretrain_tiny({str(path)!r})")
     return str(path)
 
-# %% ../nbs/03a_pretrain.ipynb 15
+# %% ../nbs/03a_pretrain.ipynb 21
 def describe(model, processor, images, max_new_tokens:int=48) -> list[str]:
     "The model's greedy descriptions of `images`."
     msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': DESCRIBE_PROMPT}]}]

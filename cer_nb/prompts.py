@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .core import LabelSet, RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, COMPONENTS
 
 # %% auto 0
-__all__ = ['BASIC_CUES', 'PROMPT_VARIANTS', 'DEFAULT_VARIANT', 'label_cues', 'prompt_text', 'chat_messages']
+__all__ = ['BASIC_CUES', 'PROMPT_VARIANTS', 'DEFAULT_VARIANT', 'label_cues', 'prompt_text', 'question_turns', 'chat_messages']
 
 # %% ../nbs/02_prompts.ipynb 6
 BASIC_CUES = {
@@ -61,13 +61,17 @@ def prompt_text(labels:LabelSet, # the classes the model chooses among
     return PROMPT_VARIANTS[variant](labels)
 
 # %% ../nbs/02_prompts.ipynb 16
+def question_turns(question:str, # the text put to the model about one face
+                   answer:str|None=None, # the assistant's answer, for training rows
+                  ) -> list[dict]:
+    "Chat turns for one face and any question: the user turn (image, then question) and, given `answer`, the assistant turn."
+    turns = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': question}]}]
+    return turns + ([{'role': 'assistant', 'content': [{'type': 'text', 'text': answer}]}] if answer is not None else [])
+
 def chat_messages(labels:LabelSet, # the classes the model chooses among
                   variant:str=DEFAULT_VARIANT, # a key of `PROMPT_VARIANTS`
                   answer:str|None=None, # the canonical label, for training examples
                  ) -> list[dict]:
-    "Chat turns for one face: the user turn (image, then question) and, given `answer`, the assistant turn."
-    msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt_text(labels, variant)}]}]
-    if answer is not None:
-        if answer not in labels: raise ValueError(f"answer {answer!r} is not a label of {labels.name}")
-        msgs.append({'role': 'assistant', 'content': [{'type': 'text', 'text': answer}]})
-    return msgs
+    "`question_turns` for the stage's prompt; an `answer` must be one of `labels`."
+    if answer is not None and answer not in labels: raise ValueError(f"answer {answer!r} is not a label of {labels.name}")
+    return question_turns(prompt_text(labels, variant), answer)
