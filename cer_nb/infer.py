@@ -115,6 +115,11 @@ def _masked_scores(model, b:BatchFeature, cands:dict) -> torch.Tensor:
     return first + _gather(logits[:, 1:].reshape(n, k, T - 1, -1), ids, mask)
 
 # %% ../nbs/06_infer.ipynb 23
+def _cache_kwarg(model) -> str:
+    "The forward argument that takes a KV cache: `cache` in recent transformers, `past_key_values` before."
+    m = model.get_base_model() if hasattr(model, 'get_base_model') else model
+    return 'cache' if 'cache' in inspect.signature(type(m).forward).parameters else 'past_key_values'
+
 def _cached_scores(model, b:BatchFeature, cands:dict) -> torch.Tensor:
     "(n, k) label log-likelihoods from the prompt's KV cache, repeated for every label."
     ids, mask = cands['input_ids'].to(model.device), cands['mask'].to(model.device)
@@ -127,7 +132,7 @@ def _cached_scores(model, b:BatchFeature, cands:dict) -> torch.Tensor:
     rows = {key: v.reshape(n * k, T - 1).to(model.device) for key, v in _candidates(cands, ['input_ids', *per_token_keys(b)], n).items()}
     rows['attention_mask'] = torch.cat([b['attention_mask'].repeat_interleave(k, 0), rows['input_ids'].new_ones(n * k, T - 1)], 1)
     if uses_mrope(model): rows['position_ids'] = (prompt_positions(model, b)[1].repeat_interleave(k)[:, None] + torch.arange(T - 1, device=ids.device)).expand(3, -1, -1)
-    logits = model(**rows, past_key_values=cache, use_cache=True).logits
+    logits = model(**rows, **{_cache_kwarg(model): cache}, use_cache=True).logits
     return first + _gather(logits.reshape(n, k, T - 1, -1), ids, mask)
 
 # %% ../nbs/06_infer.ipynb 25
