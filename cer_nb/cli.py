@@ -146,7 +146,7 @@ def main(argv:list[str]|None=None, # the arguments after `cer_nb`; None: `sys.ar
         print(f"cer_nb {args.command}: interrupted", file=sys.stderr)
         return 130
 
-# %% ../nbs/08_cli.ipynb 26
+# %% ../nbs/08_cli.ipynb 27
 def _model_ref(name_or_path:str) -> str:
     "A local checkpoint folder as an absolute path; anything else (a Hub id) unchanged."
     p = Path(name_or_path).expanduser()
@@ -162,7 +162,7 @@ def train_config(args:argparse.Namespace, # parsed `cer_nb train` options
                        init_from=str(Path(args.init_from).expanduser().resolve()) if args.init_from else None,
                        **{**PRESETS.get(args.preset, {}), **typed})
 
-# %% ../nbs/08_cli.ipynb 33
+# %% ../nbs/08_cli.ipynb 34
 def _hush_libraries():
     "Silence transformers' loading bars, info messages and deprecation warnings (the Trainer's progress bar stays)."
     from transformers.utils import logging as hf_logging
@@ -173,7 +173,7 @@ def _hush_libraries():
 def _say(msg:str, quiet:bool=False):
     if not quiet: print(f'[cer_nb] {msg}', file=sys.stderr, flush=True)
 
-# %% ../nbs/08_cli.ipynb 34
+# %% ../nbs/08_cli.ipynb 35
 def cmd_train(args:argparse.Namespace) -> int:
     "`cer_nb train`: fine-tune one stage on a RAF-DB copy."
     from cer_nb.data import load_rafdb
@@ -188,7 +188,7 @@ def cmd_train(args:argparse.Namespace) -> int:
     print(f"{cfg.stage} done: {run} ({m['steps']} steps, {m['seconds']:.0f} s training, train loss {m['train_loss']:.3f})")
     return 0
 
-# %% ../nbs/08_cli.ipynb 38
+# %% ../nbs/08_cli.ipynb 39
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 def image_paths(items:list, # image files and folders
@@ -205,7 +205,7 @@ def image_paths(items:list, # image files and folders
         else: raise FileNotFoundError(f"no such image or folder: {item}")
     return paths
 
-# %% ../nbs/08_cli.ipynb 41
+# %% ../nbs/08_cli.ipynb 42
 def predictions_table(paths:list, # the images, in the order predicted
                       preds:list, # their `cer_nb.infer.Prediction`s
                      ):
@@ -219,7 +219,7 @@ def predictions_table(paths:list, # the images, in the order predicted
         rows.append(row)
     return pd.DataFrame(rows)
 
-# %% ../nbs/08_cli.ipynb 43
+# %% ../nbs/08_cli.ipynb 44
 PREDICTION_FORMATS = ('.csv', '.json')
 
 def _write_csv(df, path:Path) -> Path:
@@ -235,7 +235,7 @@ def write_predictions(table, # from `predictions_table`
     if path.suffix.lower() not in PREDICTION_FORMATS: raise ValueError(f"--out {path}: the file name must end in .csv or .json")
     return write_json(table.to_dict(orient='records'), path) if path.suffix.lower() == '.json' else _write_csv(table, path)
 
-# %% ../nbs/08_cli.ipynb 45
+# %% ../nbs/08_cli.ipynb 46
 def _check_checkpoint(checkpoint:str, labels:str|None):
     "Fail early, naming the path, if `checkpoint` cannot be a run directory, a model folder or (with `labels`) a Hub id."
     p = Path(checkpoint).expanduser()
@@ -245,7 +245,7 @@ def _check_checkpoint(checkpoint:str, labels:str|None):
     elif not any((p/f).is_file() for f in ('cer_nb.json', 'adapter_config.json', 'config.json')):
         raise FileNotFoundError(f"{checkpoint} is neither a cer_nb run directory (no cer_nb.json) nor a model folder (no config.json)")
 
-# %% ../nbs/08_cli.ipynb 46
+# %% ../nbs/08_cli.ipynb 47
 def cmd_predict(args:argparse.Namespace) -> int:
     "`cer_nb predict`: print (and optionally write) the predicted expression of each image."
     paths = image_paths(args.images, args.recursive)
@@ -261,7 +261,7 @@ def cmd_predict(args:argparse.Namespace) -> int:
     if args.out: print(f"wrote {write_predictions(table, args.out)}")
     return 0
 
-# %% ../nbs/08_cli.ipynb 52
+# %% ../nbs/08_cli.ipynb 53
 _EVAL_ONLY = ('seeds', 'eval_batch_size', 'smooth_window')  # settings that change no data and no training run
 
 def _claim_out(out:Path, settings:dict, base:str):
@@ -275,7 +275,7 @@ def _claim_out(out:Path, settings:dict, base:str):
             raise FileExistsError(f"{out} holds a demo made with other settings ({', '.join(f'{k}: {old.get(k)} -> {made.get(k)}' for k in diff)}); use another --out or delete it")
     write_json(made, f)
 
-# %% ../nbs/08_cli.ipynb 54
+# %% ../nbs/08_cli.ipynb 55
 def demo_data(out, # the demo folder
               settings:dict, # from `demo_settings`
              ) -> dict:
@@ -294,7 +294,7 @@ def data_counts(data:dict) -> dict:
     return {**{k: len(v) for k, v in data.items() if k != 'cexpr'}, 'cexpr_videos': cexpr.video.nunique(),
             'cexpr_frames': len(cexpr), 'cexpr_labelled_frames': int(cexpr.label.notna().sum())}
 
-# %% ../nbs/08_cli.ipynb 57
+# %% ../nbs/08_cli.ipynb 58
 def demo_stage_configs(base:str, # base checkpoint
                        settings:dict, # from `demo_settings`
                        seed:int, # training seed
@@ -310,7 +310,7 @@ def demo_stage_configs(base:str, # base checkpoint
             'stage2': StageConfig(labels='rafdb_compound', stage='stage2', init_from=str(Path(seed_dir/'stage1').resolve()), **steps(s['steps2']), **common),
             'compound_only': StageConfig(labels='rafdb_compound', stage='compound_only', **steps(s['steps2']), **common)}
 
-# %% ../nbs/08_cli.ipynb 60
+# %% ../nbs/08_cli.ipynb 61
 def label_probs(run, # run directory
                 paths, # face images
                 labels, # the `LabelSet` to choose among
@@ -331,7 +331,7 @@ def compound_scores(y_true, # true compound labels
     return pred, {**{k: m[k] for k in ('n', 'accuracy', 'macro_f1', 'mean_class_accuracy')}, 'mean_top_probability': float(probs.max(1).mean()),
                   'per_class': m['per_class'], 'lost_components': component_summary(y_true, pred).loc['all'].to_dict()}
 
-# %% ../nbs/08_cli.ipynb 62
+# %% ../nbs/08_cli.ipynb 63
 def cexpr_scores(frames, # C-EXPR frames from `load_cexpr`: `video`, `frame`, `label`
                  probs, # (n_frames, 7) ABAW class probabilities from `label_probs`
                  window:int=9, # frames in the moving average
@@ -345,14 +345,14 @@ def cexpr_scores(frames, # C-EXPR frames from `load_cexpr`: `video`, `frame`, `l
                          'smooth_window': window, 'switches': prediction_switches(raw, frames.video),
                          'switches_smoothed': prediction_switches(smooth, frames.video), 'per_class_smoothed': m_smooth['per_class']}
 
-# %% ../nbs/08_cli.ipynb 64
+# %% ../nbs/08_cli.ipynb 65
 @contextlib.contextmanager
 def _timed(timings:dict, key:str):
     t0 = time.perf_counter()
     yield
     timings[key] = round(time.perf_counter() - t0, 2)
 
-# %% ../nbs/08_cli.ipynb 65
+# %% ../nbs/08_cli.ipynb 66
 def _train_seed(base, settings, seed, seed_dir, data, quiet, timings) -> tuple[dict, dict]:
     "Train (or reuse) this seed's three runs; their directories and `{run: reused}`."
     from cer_nb.train import RUN_INFO, train_stage
@@ -364,7 +364,7 @@ def _train_seed(base, settings, seed, seed_dir, data, quiet, timings) -> tuple[d
         with _timed(timings, name), contextlib.redirect_stdout(sys.stderr): runs[name] = train_stage(cfg, train[name], seed_dir/name, progress=not quiet)
     return runs, reused
 
-# %% ../nbs/08_cli.ipynb 66
+# %% ../nbs/08_cli.ipynb 67
 def _demo_seed(base, settings, seed, out, data, quiet) -> dict:
     "Train and evaluate one seed; write its predictions and submission; return its results."
     from cer_nb.train import read_run_info
@@ -385,7 +385,7 @@ def _demo_seed(base, settings, seed, out, data, quiet) -> dict:
             'two_stage': res['stage2'][1], 'compound_only': res['compound_only'][1], 'cexpr': cexpr,
             'predictions': {'compound_test': res['stage2'][0], 'compound_only': res['compound_only'][0], 'cexpr': smooth}}
 
-# %% ../nbs/08_cli.ipynb 68
+# %% ../nbs/08_cli.ipynb 69
 def _demo_figures(out:Path, data:dict, first:dict) -> dict:
     "Write the three confusion-matrix PNGs of the first seed; their paths."
     import matplotlib.pyplot as plt
@@ -402,7 +402,7 @@ def _demo_figures(out:Path, data:dict, first:dict) -> dict:
         paths[name] = str(save_figure(fig, out/name)); plt.close(fig)
     return paths
 
-# %% ../nbs/08_cli.ipynb 70
+# %% ../nbs/08_cli.ipynb 71
 SYNTHETIC_NOTE = ('SYNTHETIC results: cartoon faces from cer_nb.synth and a tiny model. They show that the pipeline runs '
                   'and learns; they are NOT results on RAF-DB or C-EXPR-DB and say nothing about Qwen2-VL on real faces.')
 
@@ -420,7 +420,7 @@ def summarise_seeds(per_seed:list, # results of each seed
             'stage1_gain': {k: two[k] - only[k] for k in ('accuracy', 'macro_f1')},
             'cexpr': _across_seeds(per_seed, 'cexpr', ('abaw_f1', 'abaw_f1_smoothed', 'accuracy', 'accuracy_smoothed'))}
 
-# %% ../nbs/08_cli.ipynb 71
+# %% ../nbs/08_cli.ipynb 72
 def summary_table(metrics:dict, # the demo's `metrics.json` contents
                  ):
     "The demo's headline numbers as a small table (mean ± sd over seeds where there are several)."
@@ -436,7 +436,7 @@ def summary_table(metrics:dict, # the demo's `metrics.json` contents
             (video, f'two-stage, smoothed ({win} frames)', fmt(metrics['cexpr'], 'accuracy_smoothed'), fmt(metrics['cexpr'], 'abaw_f1_smoothed'))]
     return pd.DataFrame(rows, columns=['evaluation', 'model', 'accuracy', 'macro F1 (ABAW F1)'])
 
-# %% ../nbs/08_cli.ipynb 73
+# %% ../nbs/08_cli.ipynb 74
 def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results (reused when run again)
              base:str|None=None, # base checkpoint; None: the tiny pre-trained face model shipped with cer_nb
              quick:bool=False, # tiny sizes (`DEMO_QUICK`), for tests
@@ -463,7 +463,7 @@ def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results 
     write_json(metrics, out/'metrics.json')
     return metrics
 
-# %% ../nbs/08_cli.ipynb 74
+# %% ../nbs/08_cli.ipynb 75
 def cmd_demo(args:argparse.Namespace) -> int:
     "`cer_nb demo`: the whole pipeline on synthetic data, with a summary table."
     import torch

@@ -20,7 +20,7 @@ __all__ = ['METHODS', 'REFERENCE', 'MEASURES', 'Benchmark', 'rafdb', 'cexpr', 'b
            'adapter_params', 'run_condition', 'run_experiment', 'load_results', 'summarise', 'mean_sd_table',
            'paired_differences', 'background_priority']
 
-# %% ../nbs/09_experiments.ipynb 8
+# %% ../nbs/09_experiments.ipynb 10
 @dataclass(frozen=True)
 class Benchmark:
     "The synthetic data and the training budget every experiment shares."
@@ -41,7 +41,7 @@ class Benchmark:
     def folder(self) -> Path:
         return Path(self.root or os.environ.get('CER_NB_EXPERIMENTS', Path.home()/'.cache'/'cer_nb'/'experiments'))/self.key
 
-# %% ../nbs/09_experiments.ipynb 9
+# %% ../nbs/09_experiments.ipynb 11
 def _rafdb_root(self:Benchmark) -> Path:
     return make_synthetic_rafdb(self.folder/'rafdb', n_basic=self.n_basic, n_compound=self.n_compound,
                                 test_fraction=self.test_fraction, seed=self.data_seed)
@@ -57,7 +57,7 @@ def cexpr(self:Benchmark) -> pd.DataFrame:
 
 Benchmark.rafdb, Benchmark.cexpr = rafdb, cexpr
 
-# %% ../nbs/09_experiments.ipynb 13
+# %% ../nbs/09_experiments.ipynb 15
 def benchmark_record(bench:Benchmark) -> dict:
     "The benchmark's spec, split sizes and test labels (compound test ids, C-EXPR frame ids and videos), for the results folder."
     test, frames = bench.rafdb('compound', 'test'), bench.cexpr()
@@ -66,7 +66,7 @@ def benchmark_record(bench:Benchmark) -> dict:
                 compound_test=[int(i) for i in test.label_id], compound_test_names=test.name.tolist(),
                 cexpr_labels=[None if pd.isna(v) else int(v) for v in frames.label_id], cexpr_videos=frames.video.tolist())
 
-# %% ../nbs/09_experiments.ipynb 16
+# %% ../nbs/09_experiments.ipynb 18
 def compound_subset(train:pd.DataFrame, # compound training rows (`label` column)
                     n:int, # rows wanted; all of them if `n` >= len(train)
                     seed:int, # which subset
@@ -78,7 +78,7 @@ def compound_subset(train:pd.DataFrame, # compound training rows (`label` column
     keep = [i for label, k in quota.items() for i in rng.permutation(np.flatnonzero(train.label == label))[:k]]
     return train.iloc[sorted(keep)].reset_index(drop=True)
 
-# %% ../nbs/09_experiments.ipynb 19
+# %% ../nbs/09_experiments.ipynb 21
 METHODS = ('two-stage', 'compound-only', 'compound-long', 'joint')
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Condition:
 
 REFERENCE = Condition()  # the condition several experiments share: two-stage, 220 compounds, context prompt, aligned, r 16, lm
 
-# %% ../nbs/09_experiments.ipynb 22
+# %% ../nbs/09_experiments.ipynb 24
 def joint_prompts(df:pd.DataFrame, # basic and compound training rows together
                   variant:str='context', # prompt variant
                  ) -> list[str]:
@@ -108,7 +108,7 @@ def joint_prompts(df:pd.DataFrame, # basic and compound training rows together
     if bad := sorted(set(df.label) - set(own)): raise ValueError(f"labels {bad} are neither RAF-DB basic nor compound")
     return [prompt_text(own[l], variant) for l in df.label]
 
-# %% ../nbs/09_experiments.ipynb 23
+# %% ../nbs/09_experiments.ipynb 25
 def train_joint(cfg, # `cer_nb.train.StageConfig` of the stage; the stage (its `labels` is what the run is evaluated on, normally 'rafdb_compound')
                 train:pd.DataFrame, # basic and compound training rows together
                 run_dir, # where the run directory goes
@@ -118,7 +118,7 @@ def train_joint(cfg, # `cer_nb.train.StageConfig` of the stage; the stage (its `
     from cer_nb.train import train_stage
     return train_stage(cfg, train, run_dir, prompts=joint_prompts(train, cfg.variant), progress=progress)
 
-# %% ../nbs/09_experiments.ipynb 27
+# %% ../nbs/09_experiments.ipynb 30
 def _kw(cond:Condition, seed:int, steps:int) -> dict:
     from cer_nb.train import PRESETS
     return dict(variant=cond.variant, lora_r=cond.lora_r, lora_preset=cond.lora_preset, seed=seed, max_steps=steps, **PRESETS['cpu-tiny'])
@@ -145,7 +145,7 @@ def train_condition(cond:Condition, # what to train
     rows = pd.concat([_basic_train(cond, bench), _compound_train(cond, bench, seed)], ignore_index=True)
     return train_joint(cfg, rows, runs/f'{cond.name}_{tag}')
 
-# %% ../nbs/09_experiments.ipynb 30
+# %% ../nbs/09_experiments.ipynb 33
 def _ids(labels, preds): return [None if p is None else labels.id_of(p) for p in preds]
 
 def _scores(y_true, y_pred, labels) -> dict:
@@ -162,7 +162,7 @@ def compound_metrics(run, bench:Benchmark, images:str='aligned') -> dict:
     start = time.time(); preds = [p.label for p in predict(faces, run, batch_size=32)]
     return _scores(test.label, preds, RAFDB_COMPOUND) | {'seconds': round(time.time() - start, 2)}
 
-# %% ../nbs/09_experiments.ipynb 33
+# %% ../nbs/09_experiments.ipynb 36
 def cexpr_metrics(run, bench:Benchmark, window:int=9) -> dict:
     "Zero-shot ABAW F1 on the synthetic C-EXPR-DB frames, per frame and after temporal smoothing."
     from cer_nb.infer import predict
@@ -178,26 +178,26 @@ def cexpr_metrics(run, bench:Benchmark, window:int=9) -> dict:
             'switches': prediction_switches(labels, frames.video), 'pred': _ids(ABAW_COMPOUND, labels)}
     return out
 
-# %% ../nbs/09_experiments.ipynb 36
+# %% ../nbs/09_experiments.ipynb 39
 def decoding_metrics(run, bench:Benchmark) -> dict:
     "Accuracy, unparseable answers and seconds per image on the compound test split, by label scoring (sum, per token) and generate-and-parse."
     from cer_nb.infer import predict
     test = bench.rafdb('compound', 'test'); faces = test.path.tolist()
     predict(faces[:8], run, batch_size=8); predict(faces[:8], run, batch_size=8, method='generate')  # warm-up
     out = {}
-    for name, kw in (('score', {}), ('score_per_token', {'per_token': True}), ('generate', {'method': 'generate'})):
+    for name, kw in (('score', {}), ('score_per_token', {'length': 'mean'}), ('generate', {'method': 'generate'})):
         start = time.time(); p = predict(faces, run, batch_size=32, **kw)
         out[name] = _scores(test.label, [x.label for x in p], RAFDB_COMPOUND) | {'seconds_per_image': (time.time() - start) / len(faces)}
         if name == 'generate': out[name]['answers'] = [x.answer for x in p[:8]]
     return out
 
-# %% ../nbs/09_experiments.ipynb 38
+# %% ../nbs/09_experiments.ipynb 41
 MEASURES = {'compound': compound_metrics,
             'original': lambda run, bench: compound_metrics(run, bench, 'original'),
             'realigned': lambda run, bench: compound_metrics(run, bench, 'realigned'),
             'cexpr': cexpr_metrics, 'decoding': decoding_metrics}
 
-# %% ../nbs/09_experiments.ipynb 40
+# %% ../nbs/09_experiments.ipynb 43
 def adapter_params(run) -> int:
     "Number of parameters in a run's saved LoRA adapter."
     from safetensors import safe_open
@@ -230,7 +230,7 @@ def run_condition(experiment:str, # the experiment's name: the results subfolder
     write_json(result, path)
     return result
 
-# %% ../nbs/09_experiments.ipynb 43
+# %% ../nbs/09_experiments.ipynb 46
 def _headline(metrics:dict) -> str:
     "Accuracies (and ABAW F1, raw/smoothed) of a result's measures, in one line."
     parts = []
@@ -262,7 +262,7 @@ def run_experiment(experiment:str, # the results subfolder
     print(f"{time.time() - start:.0f} s this execution (finished results are read back, not recomputed)")
     return out
 
-# %% ../nbs/09_experiments.ipynb 46
+# %% ../nbs/09_experiments.ipynb 49
 def _flat(d:dict, prefix:str='') -> dict:
     out = {}
     for k, v in d.items():
@@ -287,7 +287,7 @@ def summarise(df:pd.DataFrame, # from `load_results`
     "Mean, sample standard deviation and number of seeds of `metric` per condition."
     return df.groupby(by, sort=False)[metric].agg(mean='mean', sd='std', seeds='count')
 
-# %% ../nbs/09_experiments.ipynb 49
+# %% ../nbs/09_experiments.ipynb 52
 def mean_sd_table(df:pd.DataFrame, # from `load_results`
                   index:list|str, # row conditions
                   columns:list|str|None=None, # column conditions
@@ -314,7 +314,7 @@ def paired_differences(df:pd.DataFrame, # from `load_results`
     g = d.groupby(keys[1:], sort=False)['diff'] if len(keys) > 1 else d.groupby(lambda _: f'{a} − {b}')['diff']
     return g.agg(mean='mean', sd='std', seeds='count', wins=lambda x: int((x > 0).sum()))
 
-# %% ../nbs/09_experiments.ipynb 52
+# %% ../nbs/09_experiments.ipynb 55
 def background_priority(niceness:int=10) -> int:
     "Lower this process's CPU priority to `niceness` unless it is already lower; returns the niceness now."
     if os.getpriority(os.PRIO_PROCESS, 0) < niceness: os.setpriority(os.PRIO_PROCESS, 0, niceness)
