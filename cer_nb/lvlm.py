@@ -80,6 +80,9 @@ def _image_only_class(base:type) -> type:
         name = f'ImageOnly{base.__name__}'
         body = {'__init__': __init__, '__module__': __name__, '__qualname__': name,
                 '__doc__': f'`{base.__name__}` for images only: no video processor, so no torchvision.'}
+        def to_dict(self) -> dict:  # saved as the stock class, with default video settings: loads on a machine with torchvision
+            return {**base.to_dict(self), 'processor_class': base.__name__, 'video_processor': {}}
+        body['to_dict'] = to_dict
         if base.apply_chat_template is not ProcessorMixin.apply_chat_template: body['apply_chat_template'] = _image_chat_template
         cls = type(name, (base,), body)
         _IMAGE_ONLY[base] = cls

@@ -39,7 +39,7 @@ def load_lvlm(name_or_path:str, # Hub id (e.g. 'Qwen/Qwen2-VL-2B-Instruct') or l
               max_pixels:int|None=None, # image-size cap, see `cer_nb.lvlm.load_processor` (None: the family's)
               **kwargs): # passed to `from_pretrained` (e.g. `revision`, `attn_implementation`)
     "Load a supported image-text-to-text LVLM and its processor."
-    family_of(name_or_path)  # an unsupported family fails here, before the weights load
+    family = family_of(name_or_path)  # an unsupported family fails here, before the weights load
     quant = None
     if load_in_4bit:
         if not torch.cuda.is_available(): raise RuntimeError('load_in_4bit needs a CUDA GPU (bitsandbytes)')
@@ -48,6 +48,8 @@ def load_lvlm(name_or_path:str, # Hub id (e.g. 'Qwen/Qwen2-VL-2B-Instruct') or l
                                    bnb_4bit_compute_dtype=resolve_dtype(dtype) if dtype != 'auto' else torch.float32)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), quantization_config=quant,
                                                         device_map=device_map, **kwargs)
+    for k, v in family.image_cap.items():  # the model's own copy of a capped image setting (LLaVA-OneVision's tiling) follows the cap
+        if k in model.config.to_dict(): setattr(model.config, k, v)
     return model.eval(), load_processor(name_or_path, max_pixels=max_pixels)
 
 # %% ../nbs/03_model.ipynb 13

@@ -457,6 +457,9 @@ def make_tiny_replica(model_type:str, # a key of `cer_nb.lvlm.FAMILIES`, e.g. 'q
     ids = {t: tok.convert_tokens_to_ids(t) for t in r.tokens}
     torch.manual_seed(seed)
     model = transformers.AutoModelForImageTextToText.from_config(r.config(ids, len(tok)))
+    with torch.no_grad():  # weights a family initialises to zero (Gemma 3's image projection) would make the replica blind
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any(): p.normal_(0, 0.02)
     text = model.config.get_text_config()
     model.generation_config = transformers.GenerationConfig(bos_token_id=text.bos_token_id, pad_token_id=text.pad_token_id,
                                                             eos_token_id=[ids[t] for t in r.generation_eos])
