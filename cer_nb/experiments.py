@@ -211,7 +211,7 @@ def run_condition(experiment:str, # the experiment's name: the results subfolder
                   results='results', # the results folder
                  ) -> dict:
     "Train (or reuse) and measure one condition for one seed, writing its result file once; returns the result."
-    from cer_nb.train import read_run_info, git_commit
+    from cer_nb.runs import read_run_info, provenance
     from cer_nb.infer import clear_checkpoints
     from cer_nb.core import write_json
     path = Path(results)/experiment/f'{cond.name}_seed{seed}.json'
@@ -223,7 +223,7 @@ def run_condition(experiment:str, # the experiment's name: the results subfolder
     stages = [info] + ([read_run_info(info['config']['init_from'])] if cond.method == 'two-stage' else [])
     result = dict(experiment=experiment, condition=cond.name, seed=seed, **asdict(cond), benchmark=bench.spec(),
                   train_steps=sum(s['metrics']['steps'] for s in stages), train_seconds=round(sum(s['metrics']['seconds'] for s in stages), 2),
-                  train_loss=info['metrics']['train_loss'], adapter_params=adapter_params(run), git_commit=git_commit(),
+                  train_loss=info['metrics']['train_loss'], adapter_params=adapter_params(run), **provenance(),
                   metrics={m: MEASURES[m](run, bench) for m in measures})
     result['wall_seconds'] = round(time.time() - start, 2)  # this call: training only what was missing, and measuring
     clear_checkpoints()
