@@ -46,6 +46,7 @@ def _canonical(values, # labels: canonical names, any spelling `canonical_label`
         except (ValueError, TypeError) as e: raise ValueError(f"{what}[{i}]: {e}") from None
     return out
 
+# %% ../nbs/07_evaluate.ipynb 8
 def _paired(y_true, y_pred) -> tuple[list, list]:
     "`y_true` and `y_pred` as lists of equal, non-zero length."
     y_true, y_pred = list(y_true), list(y_pred)
@@ -53,7 +54,7 @@ def _paired(y_true, y_pred) -> tuple[list, list]:
     if not y_true: raise ValueError("no examples to evaluate (y_true is empty)")
     return y_true, y_pred
 
-# %% ../nbs/07_evaluate.ipynb 9
+# %% ../nbs/07_evaluate.ipynb 11
 def classification_metrics(y_true, # true labels
                            y_pred, # predicted labels; `None` for an answer that named no label
                            labels:LabelSet, # the classes scored, in official order
@@ -72,7 +73,7 @@ def classification_metrics(y_true, # true labels
             'unparseable': pred.count(NO_ANSWER), 'outside_label_set': sum(p != NO_ANSWER and p not in labels for p in pred),
             'per_class': per_class}
 
-# %% ../nbs/07_evaluate.ipynb 14
+# %% ../nbs/07_evaluate.ipynb 16
 def _prob_matrix(probs, # (n, classes) array in the official order, or a DataFrame with one column per label
                  labels:LabelSet, # the classes
                 ) -> np.ndarray:
@@ -94,7 +95,7 @@ def top_labels(probs, # (n, classes) probabilities, array or DataFrame
     "The most probable label of each row of `probs`."
     return [labels[i] for i in _prob_matrix(probs, labels).argmax(1)]
 
-# %% ../nbs/07_evaluate.ipynb 20
+# %% ../nbs/07_evaluate.ipynb 22
 def abaw_f1(y_true, # per-frame truth: ABAW class index 0-6 or label; -1, None or NaN: frame without a label
             y_pred, # per-frame prediction: ABAW class index 0-6 or a label of any set; None: no answer
            ) -> dict:
@@ -109,7 +110,7 @@ def abaw_f1(y_true, # per-frame truth: ABAW class index 0-6 or label; -1, None o
     return {'abaw_f1': m['macro_f1'], 'frames': len(true), 'scored': len(keep), 'unlabelled': len(true) - len(keep),
             **{k: m[k] for k in ('accuracy', 'unparseable', 'outside_label_set', 'per_class')}}
 
-# %% ../nbs/07_evaluate.ipynb 24
+# %% ../nbs/07_evaluate.ipynb 26
 def confusion_table(y_true, # true labels
                     y_pred, # predicted labels; `None` for no answer
                     labels:LabelSet, # the classes, in official order
@@ -125,7 +126,7 @@ def confusion_table(y_true, # true labels
     cm = confusion_matrix(true, pred, labels=cols, normalize='true' if normalize else None)[:len(labels)]
     return pd.DataFrame(cm, index=pd.Index(list(labels), name='true'), columns=pd.Index(cols, name='predicted'))
 
-# %% ../nbs/07_evaluate.ipynb 27
+# %% ../nbs/07_evaluate.ipynb 29
 def plot_confusion(y_true, # true labels
                    y_pred, # predicted labels; `None` for no answer
                    labels:LabelSet, # the classes, in official order
@@ -138,6 +139,7 @@ def plot_confusion(y_true, # true labels
     y_true, y_pred = _paired(y_true, y_pred)
     return _draw_confusion(confusion_table(y_true, y_pred, labels, normalize), normalize, ax, title, len(y_true), cmap)
 
+# %% ../nbs/07_evaluate.ipynb 30
 def _draw_confusion(cm:pd.DataFrame, normalize:bool, ax:plt.Axes|None, title:str|None, n:int, cmap:str='Blues') -> plt.Axes:
     "Draw confusion table `cm` (from `confusion_table`) of `n` examples as a heatmap."
     if ax is None: _, ax = plt.subplots(figsize=(0.55*cm.shape[1] + 2.5, 0.45*cm.shape[0] + 2))
@@ -149,6 +151,7 @@ def _draw_confusion(cm:pd.DataFrame, normalize:bool, ax:plt.Axes|None, title:str
            title=title or f"{'Row-normalised (recall on the diagonal)' if normalize else 'Counts'}, n={n}")
     return ax
 
+# %% ../nbs/07_evaluate.ipynb 32
 def plot_confusions(y_true, y_pred, labels:LabelSet, # as for `plot_confusion`
                     title:str|None=None, # the figure's title
                    ) -> plt.Figure:
@@ -163,7 +166,7 @@ def plot_confusions(y_true, y_pred, labels:LabelSet, # as for `plot_confusion`
     fig.tight_layout()
     return fig
 
-# %% ../nbs/07_evaluate.ipynb 29
+# %% ../nbs/07_evaluate.ipynb 34
 def save_figure(fig:plt.Figure, # the figure
                 path, # where to write it; the extension picks the format (.png, .pdf, .svg)
                 dpi:int=150, # resolution of raster formats
@@ -175,7 +178,7 @@ def save_figure(fig:plt.Figure, # the figure
     buf = io.BytesIO(); fig.savefig(buf, format=path.suffix[1:], dpi=dpi, bbox_inches='tight', **kwargs)
     return write_atomic(path, buf.getvalue())
 
-# %% ../nbs/07_evaluate.ipynb 33
+# %% ../nbs/07_evaluate.ipynb 38
 WRONG_PARTS = ('secondary', 'dominant', 'both', 'unparseable')  # what a wrong answer on a compound lost
 
 def _components(y_true, y_pred) -> pd.DataFrame:
@@ -201,7 +204,7 @@ def component_errors(y_true, # true compound labels
     df = df[df.wrong != 'correct'].rename_axis('index')
     return df.assign(wrong=df.wrong.cat.remove_categories('correct'))
 
-# %% ../nbs/07_evaluate.ipynb 37
+# %% ../nbs/07_evaluate.ipynb 42
 def component_summary(y_true, # true compound labels
                       y_pred, # predicted labels; `None` for no answer
                      ) -> pd.DataFrame:
@@ -216,6 +219,7 @@ def _summary_of(df:pd.DataFrame) -> pd.DataFrame:
     table.loc['all'] = table.sum()
     return table
 
+# %% ../nbs/07_evaluate.ipynb 44
 def lost_emotions(y_true, # true compound labels
                   y_pred, # predicted labels; `None` (no answer) is left out
                  ) -> pd.DataFrame:
@@ -234,7 +238,7 @@ def _lost_of(df:pd.DataFrame) -> pd.DataFrame:
     table['lost_rate'] = table.lost / table.in_true
     return table
 
-# %% ../nbs/07_evaluate.ipynb 41
+# %% ../nbs/07_evaluate.ipynb 47
 def component_chance(y_true, # true compound labels
                      y_pred, # predicted labels; `None` (no answer) is left out
                      labels:LabelSet=RAFDB_COMPOUND, # the labels a random wrong answer is drawn from
@@ -248,7 +252,7 @@ def component_chance(y_true, # true compound labels
     shares = lambda s: s.value_counts(normalize=True).reindex(list(WRONG_PARTS[:3]), fill_value=0.0)
     return pd.DataFrame({'observed': shares(errors.wrong), 'chance': shares(chance)}).T
 
-# %% ../nbs/07_evaluate.ipynb 45
+# %% ../nbs/07_evaluate.ipynb 51
 _PART_COLOURS = {'correct': '#4c9a5f', 'secondary': '#f2b134', 'dominant': '#e0603a', 'both': '#8c2d3a', 'unparseable': '#b0b0b0'}
 
 def plot_component_errors(y_true, # true compound labels
@@ -271,7 +275,7 @@ def plot_component_errors(y_true, # true compound labels
     fig.tight_layout()
     return fig
 
-# %% ../nbs/07_evaluate.ipynb 49
+# %% ../nbs/07_evaluate.ipynb 55
 def reliability(probs, # (n, classes) probabilities, array or DataFrame with label columns
                 y_true, # true labels
                 labels:LabelSet, # the classes
@@ -290,7 +294,7 @@ def reliability(probs, # (n, classes) probabilities, array or DataFrame with lab
     table['gap'] = table.confidence - table.accuracy  # > 0: overconfident
     return table, float((table.n / len(p) * table.gap.abs()).sum())
 
-# %% ../nbs/07_evaluate.ipynb 53
+# %% ../nbs/07_evaluate.ipynb 59
 def plot_reliability(probs, y_true, labels:LabelSet, n_bins:int=10, # as for `reliability`
                      ax:plt.Axes|None=None, # axes to draw on; a new figure if None
                      title:str|None=None, # default: the ECE and n
@@ -309,7 +313,7 @@ def plot_reliability(probs, y_true, labels:LabelSet, n_bins:int=10, # as for `re
     ax.legend(loc='upper left', fontsize=8)
     return ax
 
-# %% ../nbs/07_evaluate.ipynb 57
+# %% ../nbs/07_evaluate.ipynb 63
 def smooth_probs(probs, # per-frame class probabilities (or scores): array or DataFrame, rows in frame order within each video
                  video_ids, # the video of each row
                  window:int=9, # frames: width of the centred moving average (odd), or span of the exponential average
@@ -327,7 +331,7 @@ def smooth_probs(probs, # per-frame class probabilities (or scores): array or Da
     smooth = smooth.droplevel(0).sort_index().to_numpy()
     return pd.DataFrame(smooth, index=probs.index, columns=probs.columns) if isinstance(probs, pd.DataFrame) else smooth
 
-# %% ../nbs/07_evaluate.ipynb 61
+# %% ../nbs/07_evaluate.ipynb 67
 def prediction_switches(y_pred, # per-frame predicted labels (None allowed), rows in frame order within each video
                         video_ids, # the video of each row
                        ) -> int:
@@ -336,6 +340,7 @@ def prediction_switches(y_pred, # per-frame predicted labels (None allowed), row
     if len(pred) != len(videos): raise ValueError(f"y_pred has {len(pred)} labels but video_ids has {len(videos)}")
     return int(((pred != pred.groupby(videos).shift()) & videos.duplicated()).sum())
 
+# %% ../nbs/07_evaluate.ipynb 69
 def plot_frame_labels(tracks:dict, # name -> per-frame labels of one video (None: no label)
                       labels:LabelSet, # the classes, which set the colours
                       ax:plt.Axes|None=None, # axes to draw on; a new figure if None

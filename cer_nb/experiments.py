@@ -13,12 +13,13 @@ from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND
 from .synth import make_synthetic_rafdb, make_synthetic_cexpr, class_counts
 from .data import load_rafdb, load_cexpr
 from .prompts import prompt_text
+from fastcore.basics import patch
 
 # %% auto 0
-__all__ = ['METHODS', 'REFERENCE', 'MEASURES', 'Benchmark', 'rafdb', 'cexpr', 'benchmark_record', 'compound_subset', 'Condition',
-           'joint_prompts', 'train_joint', 'train_condition', 'compound_metrics', 'cexpr_metrics', 'decoding_metrics',
-           'adapter_params', 'run_condition', 'run_experiment', 'load_results', 'summarise', 'mean_sd_table',
-           'paired_differences', 'background_priority']
+__all__ = ['METHODS', 'REFERENCE', 'MEASURES', 'Benchmark', 'benchmark_record', 'compound_subset', 'Condition', 'joint_prompts',
+           'train_joint', 'train_condition', 'compound_metrics', 'cexpr_metrics', 'decoding_metrics', 'adapter_params',
+           'run_condition', 'run_experiment', 'load_results', 'summarise', 'mean_sd_table', 'paired_differences',
+           'background_priority']
 
 # %% ../nbs/09_experiments.ipynb 10
 @dataclass(frozen=True)
@@ -46,18 +47,19 @@ def _rafdb_root(self:Benchmark) -> Path:
     return make_synthetic_rafdb(self.folder/'rafdb', n_basic=self.n_basic, n_compound=self.n_compound,
                                 test_fraction=self.test_fraction, seed=self.data_seed)
 
+@patch
 def rafdb(self:Benchmark, subset:str, split:str, aligned:bool=True) -> pd.DataFrame:
     "The benchmark's synthetic RAF-DB rows (built on first use)."
     return load_rafdb(_rafdb_root(self), subset, split, aligned=aligned)
 
+# %% ../nbs/09_experiments.ipynb 12
+@patch
 def cexpr(self:Benchmark) -> pd.DataFrame:
     "The benchmark's synthetic C-EXPR-DB frames (aligned crops, per-frame labels; built on first use)."
     root = make_synthetic_cexpr(self.folder/'cexpr', n_videos=self.cexpr_videos, frames=self.cexpr_frames, seed=self.data_seed, write=('frames',))
     return load_cexpr(root)
 
-Benchmark.rafdb, Benchmark.cexpr = rafdb, cexpr
-
-# %% ../nbs/09_experiments.ipynb 15
+# %% ../nbs/09_experiments.ipynb 16
 def benchmark_record(bench:Benchmark) -> dict:
     "The benchmark's spec, split sizes and test labels (compound test ids, C-EXPR frame ids and videos), for the results folder."
     test, frames = bench.rafdb('compound', 'test'), bench.cexpr()
@@ -66,7 +68,7 @@ def benchmark_record(bench:Benchmark) -> dict:
                 compound_test=[int(i) for i in test.label_id], compound_test_names=test.name.tolist(),
                 cexpr_labels=[None if pd.isna(v) else int(v) for v in frames.label_id], cexpr_videos=frames.video.tolist())
 
-# %% ../nbs/09_experiments.ipynb 18
+# %% ../nbs/09_experiments.ipynb 19
 def compound_subset(train:pd.DataFrame, # compound training rows (`label` column)
                     n:int, # rows wanted; all of them if `n` >= len(train)
                     seed:int, # which subset
@@ -78,7 +80,7 @@ def compound_subset(train:pd.DataFrame, # compound training rows (`label` column
     keep = [i for label, k in quota.items() for i in rng.permutation(np.flatnonzero(train.label == label))[:k]]
     return train.iloc[sorted(keep)].reset_index(drop=True)
 
-# %% ../nbs/09_experiments.ipynb 21
+# %% ../nbs/09_experiments.ipynb 22
 METHODS = ('two-stage', 'compound-only', 'compound-long', 'joint')
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class Condition:
 
 REFERENCE = Condition()  # the condition several experiments share: two-stage, 220 compounds, context prompt, aligned, r 16, lm
 
-# %% ../nbs/09_experiments.ipynb 24
+# %% ../nbs/09_experiments.ipynb 25
 def joint_prompts(df:pd.DataFrame, # basic and compound training rows together
                   variant:str='context', # prompt variant
                  ) -> list[str]:
@@ -108,7 +110,7 @@ def joint_prompts(df:pd.DataFrame, # basic and compound training rows together
     if bad := sorted(set(df.label) - set(own)): raise ValueError(f"labels {bad} are neither RAF-DB basic nor compound")
     return [prompt_text(own[l], variant) for l in df.label]
 
-# %% ../nbs/09_experiments.ipynb 25
+# %% ../nbs/09_experiments.ipynb 26
 def train_joint(cfg, # `cer_nb.train.StageConfig` of the stage; the stage (its `labels` is what the run is evaluated on, normally 'rafdb_compound')
                 train:pd.DataFrame, # basic and compound training rows together
                 run_dir, # where the run directory goes
@@ -118,7 +120,7 @@ def train_joint(cfg, # `cer_nb.train.StageConfig` of the stage; the stage (its `
     from cer_nb.train import train_stage
     return train_stage(cfg, train, run_dir, prompts=joint_prompts(train, cfg.variant), progress=progress)
 
-# %% ../nbs/09_experiments.ipynb 30
+# %% ../nbs/09_experiments.ipynb 31
 def _kw(cond:Condition, seed:int, steps:int) -> dict:
     from cer_nb.train import PRESETS
     return dict(variant=cond.variant, lora_r=cond.lora_r, lora_preset=cond.lora_preset, seed=seed, max_steps=steps, **PRESETS['cpu-tiny'])
@@ -126,6 +128,7 @@ def _kw(cond:Condition, seed:int, steps:int) -> dict:
 def _basic_train(cond, bench): return bench.rafdb('basic', 'train', cond.aligned)
 def _compound_train(cond, bench, seed): return compound_subset(bench.rafdb('compound', 'train', cond.aligned), cond.n_compound, seed)
 
+# %% ../nbs/09_experiments.ipynb 34
 def train_condition(cond:Condition, # what to train
                     seed:int, # seed of the compound subset, LoRA init, data order and dropout
                     bench:Benchmark=Benchmark(), # data and training budget
@@ -145,7 +148,7 @@ def train_condition(cond:Condition, # what to train
     rows = pd.concat([_basic_train(cond, bench), _compound_train(cond, bench, seed)], ignore_index=True)
     return train_joint(cfg, rows, runs/f'{cond.name}_{tag}')
 
-# %% ../nbs/09_experiments.ipynb 33
+# %% ../nbs/09_experiments.ipynb 37
 def _ids(labels, preds): return [None if p is None else labels.id_of(p) for p in preds]
 
 def _scores(y_true, y_pred, labels) -> dict:
@@ -162,7 +165,7 @@ def compound_metrics(run, bench:Benchmark, images:str='aligned') -> dict:
     start = time.time(); preds = [p.label for p in predict(faces, run, batch_size=32)]
     return _scores(test.label, preds, RAFDB_COMPOUND) | {'seconds': round(time.time() - start, 2)}
 
-# %% ../nbs/09_experiments.ipynb 36
+# %% ../nbs/09_experiments.ipynb 40
 def cexpr_metrics(run, bench:Benchmark, window:int=9) -> dict:
     "Zero-shot ABAW F1 on the synthetic C-EXPR-DB frames, per frame and after temporal smoothing."
     from cer_nb.infer import predict
@@ -178,7 +181,7 @@ def cexpr_metrics(run, bench:Benchmark, window:int=9) -> dict:
             'switches': prediction_switches(labels, frames.video), 'pred': _ids(ABAW_COMPOUND, labels)}
     return out
 
-# %% ../nbs/09_experiments.ipynb 39
+# %% ../nbs/09_experiments.ipynb 43
 def decoding_metrics(run, bench:Benchmark) -> dict:
     "Accuracy, unparseable answers and seconds per image on the compound test split, by label scoring (sum, per token) and generate-and-parse."
     from cer_nb.infer import predict
@@ -191,18 +194,19 @@ def decoding_metrics(run, bench:Benchmark) -> dict:
         if name == 'generate': out[name]['answers'] = [x.answer for x in p[:8]]
     return out
 
-# %% ../nbs/09_experiments.ipynb 41
+# %% ../nbs/09_experiments.ipynb 45
 MEASURES = {'compound': compound_metrics,
             'original': lambda run, bench: compound_metrics(run, bench, 'original'),
             'realigned': lambda run, bench: compound_metrics(run, bench, 'realigned'),
             'cexpr': cexpr_metrics, 'decoding': decoding_metrics}
 
-# %% ../nbs/09_experiments.ipynb 43
+# %% ../nbs/09_experiments.ipynb 47
 def adapter_params(run) -> int:
     "Number of parameters in a run's saved LoRA adapter."
     from safetensors import safe_open
     with safe_open(Path(run)/'adapter_model.safetensors', 'np') as f: return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys()))
 
+# %% ../nbs/09_experiments.ipynb 49
 def run_condition(experiment:str, # the experiment's name: the results subfolder
                   cond:Condition, # the arm
                   seed:int, # the seed
@@ -230,7 +234,7 @@ def run_condition(experiment:str, # the experiment's name: the results subfolder
     write_json(result, path)
     return result
 
-# %% ../nbs/09_experiments.ipynb 46
+# %% ../nbs/09_experiments.ipynb 52
 def _headline(metrics:dict) -> str:
     "Accuracies (and ABAW F1, raw/smoothed) of a result's measures, in one line."
     parts = []
@@ -240,6 +244,7 @@ def _headline(metrics:dict) -> str:
         else: parts += [f"{k} acc {v['accuracy']:.3f}" for k, v in m.items() if isinstance(v, dict) and 'accuracy' in v]
     return ', '.join(parts)
 
+# %% ../nbs/09_experiments.ipynb 54
 def run_experiment(experiment:str, # the results subfolder
                    conditions:list, # the `Condition`s, in the order to run them
                    seeds=(0, 1, 2), # seeds of every condition
@@ -262,7 +267,7 @@ def run_experiment(experiment:str, # the results subfolder
     print(f"{time.time() - start:.0f} s this execution (finished results are read back, not recomputed)")
     return out
 
-# %% ../nbs/09_experiments.ipynb 49
+# %% ../nbs/09_experiments.ipynb 57
 def _flat(d:dict, prefix:str='') -> dict:
     out = {}
     for k, v in d.items():
@@ -287,7 +292,7 @@ def summarise(df:pd.DataFrame, # from `load_results`
     "Mean, sample standard deviation and number of seeds of `metric` per condition."
     return df.groupby(by, sort=False)[metric].agg(mean='mean', sd='std', seeds='count')
 
-# %% ../nbs/09_experiments.ipynb 52
+# %% ../nbs/09_experiments.ipynb 60
 def mean_sd_table(df:pd.DataFrame, # from `load_results`
                   index:list|str, # row conditions
                   columns:list|str|None=None, # column conditions
@@ -301,6 +306,7 @@ def mean_sd_table(df:pd.DataFrame, # from `load_results`
     cell = s.apply(lambda r: f"{r['mean']:.{digits}f} ± {r['sd']:.{digits}f} ({r['seeds']:.0f})", axis=1).rename(metric)
     return cell.unstack(columns) if columns is not None else cell.to_frame()
 
+# %% ../nbs/09_experiments.ipynb 62
 def paired_differences(df:pd.DataFrame, # from `load_results`
                        arm:str, # the column that tells the two arms apart, e.g. 'method'
                        a, b, # the two arms: differences are a − b
@@ -314,7 +320,7 @@ def paired_differences(df:pd.DataFrame, # from `load_results`
     g = d.groupby(keys[1:], sort=False)['diff'] if len(keys) > 1 else d.groupby(lambda _: f'{a} − {b}')['diff']
     return g.agg(mean='mean', sd='std', seeds='count', wins=lambda x: int((x > 0).sum()))
 
-# %% ../nbs/09_experiments.ipynb 55
+# %% ../nbs/09_experiments.ipynb 65
 def background_priority(niceness:int=10) -> int:
     "Lower this process's CPU priority to `niceness` unless it is already lower; returns the niceness now."
     if os.getpriority(os.PRIO_PROCESS, 0) < niceness: os.setpriority(os.PRIO_PROCESS, 0, niceness)

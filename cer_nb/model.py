@@ -136,7 +136,7 @@ class AnswerCollator:
         side = self.image_size
         return img.resize((side, side), Image.BILINEAR) if side and img.size != (side, side) else img
 
-# %% ../nbs/03_model.ipynb 26
+# %% ../nbs/03_model.ipynb 27
 @patch
 def question(self:AnswerCollator, example:dict) -> str:
     "The question of `example`: its own 'prompt', else the stage's prompt (its answer must then be a label)."
@@ -145,7 +145,7 @@ def question(self:AnswerCollator, example:dict) -> str:
     if example['answer'] not in self.labels: raise ValueError(f"answer {example['answer']!r} is not a label of {self.labels.name}")
     return prompt_text(self.labels, self.variant)
 
-# %% ../nbs/03_model.ipynb 28
+# %% ../nbs/03_model.ipynb 31
 _ROW = ('input_ids', 'attention_mask', 'labels')
 
 def per_token_keys(batch) -> list[str]:
@@ -157,7 +157,7 @@ def image_keys(batch) -> list[str]:
     "The batch's image inputs: everything that is not per token."
     return [k for k in batch if k not in _ROW and k not in per_token_keys(batch)]
 
-# %% ../nbs/03_model.ipynb 30
+# %% ../nbs/03_model.ipynb 33
 @patch
 def answer(self:AnswerCollator, question:str, answer:str, image:Image.Image, prompt:BatchFeature) -> dict:
     "The answer's token ids and per-token inputs after `prompt`, derived once per (question, answer)."
@@ -173,14 +173,14 @@ def answer(self:AnswerCollator, question:str, answer:str, image:Image.Image, pro
         self.answers[question, answer] = row
     return self.answers[question, answer]
 
-# %% ../nbs/03_model.ipynb 32
+# %% ../nbs/03_model.ipynb 36
 def _ramp(image_processor) -> Image.Image:
     "A calibration image with every 8-bit value in every channel, sized to a whole number of merged patches."
     factor = image_processor.patch_size * image_processor.merge_size
     side = factor * max(1, math.ceil(math.sqrt(max(image_processor.size['shortest_edge'], 256)) / factor))
     return Image.fromarray(((np.arange(side * side)[:, None] + np.array([0, 85, 170])) % 256).astype(np.uint8).reshape(side, side, 3))
 
-# %% ../nbs/03_model.ipynb 33
+# %% ../nbs/03_model.ipynb 37
 def pixel_table(image_processor) -> torch.Tensor|None:
     "(channels, 256) normalised value of each 8-bit pixel value, read off `image_processor`; None if no such table reproduces it."
     try:
@@ -194,14 +194,14 @@ def pixel_table(image_processor) -> torch.Tensor|None:
     table[channel, raw.long()] = norm
     return table if not table.isnan().any() and torch.equal(table[channel, raw.long()], norm) else None
 
-# %% ../nbs/03_model.ipynb 36
+# %% ../nbs/03_model.ipynb 40
 @patch(as_prop=True)
 def table(self:AnswerCollator) -> torch.Tensor|None:
     "The processor's `pixel_table`, read on first use."
     if '_table' not in self.__dict__: self._table = pixel_table(self.processor.image_processor)
     return self._table
 
-# %% ../nbs/03_model.ipynb 38
+# %% ../nbs/03_model.ipynb 42
 @patch
 def prepare(self:AnswerCollator, example:dict) -> dict:
     "One example's model inputs, computed once: token ids, answer-only `labels`, and its image inputs (8-bit where exact)."
@@ -215,14 +215,14 @@ def prepare(self:AnswerCollator, example:dict) -> dict:
     if self.table is not None: pix['pixel_values'] = pix['pixel_values'].to(torch.uint8)
     return {**row, **pix}
 
-# %% ../nbs/03_model.ipynb 40
+# %% ../nbs/03_model.ipynb 45
 def _stack_images(examples:list[dict], key:str) -> torch.Tensor:
     "One image input of every example, concatenated; a clear error where faces were prepared at different sizes."
     shapes = {tuple(e[key].shape[1:]) for e in examples}
     if len(shapes) > 1: raise ValueError(f"{key} of these examples differ in shape {sorted(shapes)}: resize faces to one image_size")
     return torch.cat([e[key] for e in examples])
 
-# %% ../nbs/03_model.ipynb 41
+# %% ../nbs/03_model.ipynb 47
 @patch
 def pad(self:AnswerCollator, examples:list[dict]) -> BatchFeature:
     "Right-pad prepared examples into a batch; pixels normalised here."
@@ -245,13 +245,13 @@ def pad(self:AnswerCollator, examples:list[dict]) -> BatchFeature:
         batch['labels'], batch['logits_to_keep'] = batch['labels'][:, first - 1:], L - first + 1
     return BatchFeature(batch)
 
-# %% ../nbs/03_model.ipynb 42
+# %% ../nbs/03_model.ipynb 48
 @patch
 def __call__(self:AnswerCollator, examples:list[dict]) -> BatchFeature:
     "Prepare (where not yet prepared) and pad `examples`."
     return self.pad([e if 'input_ids' in e else self.prepare(e) for e in examples])
 
-# %% ../nbs/03_model.ipynb 50
+# %% ../nbs/03_model.ipynb 56
 class PreparedExamples(torch.utils.data.Dataset):
     "The examples of `dataset` passed through `prepare` once, on first use, and kept (up to `max_bytes` of tensors)."
     def __init__(self, dataset, # any map-style dataset of examples
@@ -266,7 +266,7 @@ class PreparedExamples(torch.utils.data.Dataset):
         if self.nbytes + size <= self.max_bytes: self.cache[i], self.nbytes = ex, self.nbytes + size
         return ex
 
-# %% ../nbs/03_model.ipynb 53
+# %% ../nbs/03_model.ipynb 59
 def lora_config(model, # the base model
                 preset:str='lm', # one of `cer_nb.lvlm.LORA_PRESETS`
                 r:int=16, # LoRA rank
@@ -276,7 +276,7 @@ def lora_config(model, # the base model
     "peft `LoraConfig` for `model` with target modules chosen by `preset`."
     return LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=lora_targets(model, preset), task_type='CAUSAL_LM')
 
-# %% ../nbs/03_model.ipynb 56
+# %% ../nbs/03_model.ipynb 62
 def merge_adapters(model, # the base model
                    adapters, # LoRA adapter folders (e.g. run directories), merged in this order
                   ):

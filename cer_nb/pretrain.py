@@ -107,6 +107,7 @@ def describe(model, processor, images, max_new_tokens:int=48) -> list[str]:
     with torch.no_grad(): out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.batch_decode(out[:, batch['input_ids'].shape[1]:], skip_special_tokens=True)
 
+# %% ../nbs/03a_pretrain.ipynb 22
 def phrase_f1(predicted:str, true:str) -> float:
     "F1 between the comma-separated phrases of two descriptions."
     p, t = {s.strip() for s in predicted.split(',') if s.strip()}, {s.strip() for s in true.split(',')}

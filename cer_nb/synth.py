@@ -139,6 +139,7 @@ def _geometry(idt:dict, aus:dict, yaw:float=0.) -> dict:
     g['chin_y'] = 98 + 8*a(26) - 1.2*a(17)
     return g
 
+# %% ../nbs/00b_synth.ipynb 26
 def face_landmarks(idt:dict, # identity from `sample_identity`
                    aus:dict, # AU number -> intensity
                    yaw:float=0., # sideways turn, -1..1
@@ -147,7 +148,7 @@ def face_landmarks(idt:dict, # identity from `sample_identity`
     g = _geometry(idt, aus, yaw)
     return np.array([*g['eyes'], g['nose'], g['mouth_l'], g['mouth_r']])
 
-# %% ../nbs/00b_synth.ipynb 27
+# %% ../nbs/00b_synth.ipynb 29
 @lru_cache(None)
 def _basis(kind:str, n:int) -> np.ndarray:
     "Cached curve bases (numpy call overhead dominates drawing small faces): circle, quadratic Bezier, stroke taper, -1..1."
@@ -165,6 +166,7 @@ def _bezier(p0, p1, p2, n=12): return _basis('bezier', n) @ np.array([p0, p1, p2
 def _xy(x, y):
     out = np.empty((len(x), 2)); out[:, 0], out[:, 1] = x, y; return out
 
+# %% ../nbs/00b_synth.ipynb 30
 def _stroke_polygon(pts, width):
     "Outline polygon(s) of polyline(s) `pts`, (n,2) or (k,n,2), of (possibly varying) `width`, tapered at both ends."
     pts = np.asarray(pts, float)
@@ -174,7 +176,7 @@ def _stroke_polygon(pts, width):
     nrm = d[..., ::-1] * k[..., None] * (-1, 1)
     return np.concatenate([pts + nrm, (pts - nrm)[..., ::-1, :]], -2)
 
-# %% ../nbs/00b_synth.ipynb 28
+# %% ../nbs/00b_synth.ipynb 32
 class _Pen:
     "Draws face-frame polygons into `img` (H×W×3 uint8) through the 2×3 transform `T`, anti-aliased."
     def __init__(self, img, T): self.img, self.T = img, np.asarray(T, float)
@@ -189,7 +191,7 @@ class _Pen:
     def strokes(self, lines, width, color): self.fills(_stroke_polygon(lines, width), color)
     def ellipse(self, c, rx, ry, color): self.fills([_ellipse(c, rx, ry)], color)
 
-# %% ../nbs/00b_synth.ipynb 30
+# %% ../nbs/00b_synth.ipynb 34
 def _draw_head(pen, idt, g, yaw):
     rx, cy, skin, hx = 34*idt['face_w'], 56., idt['skin'], 50 - yaw
     if idt['hair_style'] == 2:  # long hair falls behind the head to the shoulders
@@ -204,7 +206,7 @@ def _draw_head(pen, idt, g, yaw):
     y = cy + np.where(low, g['chin_y'] - cy, 44*idt['face_h'])*s
     pen.fill(_xy(x, y), skin)
 
-# %% ../nbs/00b_synth.ipynb 31
+# %% ../nbs/00b_synth.ipynb 35
 def _draw_hair(pen, idt, yaw):
     style, vol, hx = idt['hair_style'], idt['hair_volume'], 50 - yaw
     if style == 3: return  # bald
@@ -219,7 +221,7 @@ def _draw_hair(pen, idt, yaw):
     inner = [_arc((hx, 56), rx - 1.5, ry - 1.5, 2*np.pi, 2*np.pi - pr, 6), _xy(xs, fringe), _arc((hx, 56), rx - 1.5, ry - 1.5, np.pi + pl, np.pi, 6)]
     pen.fill(np.concatenate([outer, *inner]), idt['hair_color'])
 
-# %% ../nbs/00b_synth.ipynb 32
+# %% ../nbs/00b_synth.ipynb 36
 def _line(idt, k): return _mix(idt['skin'], (40, 20, 15), k)
 
 def _draw_wrinkles(pen, idt, g, a, yaw):
@@ -239,7 +241,7 @@ def _draw_wrinkles(pen, idt, g, a, yaw):
     if crow > .1: pen.strokes([[(e[0] + s*9.5, e[1] + 1.8*j), (e[0] + s*13.5, e[1] + 3.2*j)] for s, e in zip((-1, 1), g['eyes']) for j in (-1, 0, 1)], .8*w, _line(idt, .5*crow))
     if a(6) > .05: pen.fills([_ellipse((e[0], e[1] + 11 - 3*a(6)), 7, 3.5) for e in g['eyes']], _mix(idt['skin'], (235, 120, 120), .25*a(6)))
 
-# %% ../nbs/00b_synth.ipynb 33
+# %% ../nbs/00b_synth.ipynb 37
 def _draw_eyes(pen, idt, g, a, yaw):
     es, x = idt['eye_size'], _basis('sym', 15)
     hu = 3.6*es*max(.15, 1 + .75*a(5) - .6*a(7) - .25*a(6) - .15*a(4) - .15*a(9))
@@ -258,7 +260,7 @@ def _draw_eyes(pen, idt, g, a, yaw):
     pen.strokes([_xy(xs, lo) for xs, up, lo, *_ in eyes], .6, _line(idt, .6))
     if max(a(7), a(6)) > .05: pen.strokes([_xy(xs, lo + 1.8)[2:-2] for xs, up, lo, *_ in eyes], .7, _line(idt, .45*max(a(7), a(6))))
 
-# %% ../nbs/00b_synth.ipynb 34
+# %% ../nbs/00b_synth.ipynb 38
 def _brows(idt, g, a, yaw, n:int=14) -> list[np.ndarray]:
     "The centre lines of the two brows (image left, then right), each from its inner end out, as `n` points."
     out = []
@@ -274,14 +276,14 @@ def _draw_brows(pen, idt, g, a, yaw):
     t = idt['brow_thick']
     pen.strokes(_brows(idt, g, a, yaw), np.linspace(t, .55*t, 14), _mix(idt['hair_color'], (20, 15, 10), .35))
 
-# %% ../nbs/00b_synth.ipynb 35
+# %% ../nbs/00b_synth.ipynb 39
 def _draw_nose(pen, idt, g, a):
     (nx, ny), w, lift = g['nose'], 5*idt['nose_w'], .8*a(9) + .6*a(10)
     pen.stroke(_bezier((nx - 1.5, 49), (nx - 3.5, 56), (nx - 4, ny - 3)), .7, _line(idt, .3))
     pen.fills([_ellipse((nx + s*.45*w, ny + .8 - lift), 1.3 + .25*a(9), .8, 12) for s in (-1, 1)], _line(idt, .8))
     pen.stroke(_bezier((nx - w - .5*a(9), ny - 1.5 - lift), (nx, ny + 3.5 - lift), (nx + w + .5*a(9), ny - 1.5 - lift)), 1., _line(idt, .5))
 
-# %% ../nbs/00b_synth.ipynb 36
+# %% ../nbs/00b_synth.ipynb 40
 def _draw_mouth(pen, idt, g, a):
     (lx, ly), (rx, ry), cx = g['mouth_l'], g['mouth_r'], g['mouth_x']
     u = _basis('sym', 17); xs = cx + (rx - cx)*u; cy = ly + (ry - ly)*(u + 1)/2
@@ -300,7 +302,7 @@ def _draw_mouth(pen, idt, g, a):
     if a(20) > .05: pen.strokes([[(x + s*.5, y - 1.5), (x + s*2.5, y + 2.5)] for s, (x, y) in ((-1, g['mouth_l']), (1, g['mouth_r']))], .8, _line(idt, .5*a(20)))
     if a(17) > .05: pen.stroke(_bezier((cx - 6, g['chin_y'] - 7), (cx, g['chin_y'] - 9.5 - 2*a(17)), (cx + 6, g['chin_y'] - 7)), 1., _line(idt, .4*a(17)))
 
-# %% ../nbs/00b_synth.ipynb 38
+# %% ../nbs/00b_synth.ipynb 42
 def draw_face(img:np.ndarray, # H×W×3 uint8 RGB image, drawn into in place
               T:np.ndarray, # 2×3 affine transform from the face frame to `img` pixels
               idt:dict, # identity from `sample_identity`
@@ -313,7 +315,7 @@ def draw_face(img:np.ndarray, # H×W×3 uint8 RGB image, drawn into in place
     _draw_eyes(pen, idt, g, a, yaw); _draw_brows(pen, idt, g, a, yaw); _draw_nose(pen, idt, g, a); _draw_mouth(pen, idt, g, a)
     return img
 
-# %% ../nbs/00b_synth.ipynb 40
+# %% ../nbs/00b_synth.ipynb 44
 def _linear_field(T, h, w, direction):
     "The face-frame coordinate along unit `direction` at every pixel of an h×w image drawn through `T`."
     Ti = cv2.invertAffineTransform(np.asarray(T, float))
@@ -337,7 +339,7 @@ def _draw_background(img, T, bg):
         img[:] = (img*(1 - cover) + np.asarray(bg['c1'], np.float32)*cover).astype(np.uint8)
     return img
 
-# %% ../nbs/00b_synth.ipynb 41
+# %% ../nbs/00b_synth.ipynb 45
 @lru_cache(None)
 def _noise_bank(): return np.random.default_rng(20140401).standard_normal((512, 512, 3), dtype=np.float32)
 
@@ -347,7 +349,7 @@ def _sensor_noise(rng, h, w):
     y, x = rng.integers(0, 513 - h), rng.integers(0, 513 - w)
     return _noise_bank()[y:y + h, x:x + w]
 
-# %% ../nbs/00b_synth.ipynb 42
+# %% ../nbs/00b_synth.ipynb 46
 def render(idt:dict, # identity from `sample_identity`
            aus:dict, # AU number -> intensity in [0, 1]
            view:dict, # nuisance from `sample_view`
@@ -364,7 +366,7 @@ def render(idt:dict, # identity from `sample_identity`
     if rng is not None and view['noise'] > 0: out += _sensor_noise(rng, h, w) * view['noise']
     return np.clip(out, 0, 255, out).astype(np.uint8)
 
-# %% ../nbs/00b_synth.ipynb 44
+# %% ../nbs/00b_synth.ipynb 48
 def aligned_transform(idt:dict, aus:dict, yaw:float=0., size:int=100) -> np.ndarray:
     "2×3 transform from the face frame to a `size`×`size` aligned crop, as RAF-DB alignment would place the face."
     return similarity_transform(face_landmarks(idt, aus, yaw), canonical_landmarks(size))
@@ -379,7 +381,7 @@ def jpeg_roundtrip(img:np.ndarray, quality:int) -> np.ndarray:
     "`img` (RGB uint8) after JPEG compression at `quality`."
     return np.ascontiguousarray(cv2.imdecode(np.frombuffer(_jpeg_bytes(img, quality), np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
 
-# %% ../nbs/00b_synth.ipynb 47
+# %% ../nbs/00b_synth.ipynb 51
 def face_landmarks_68(idt:dict, # identity from `sample_identity`
                       aus:dict, # AU number -> intensity
                       yaw:float=0., # sideways turn, -1..1
@@ -398,7 +400,7 @@ def face_landmarks_68(idt:dict, # identity from `sample_identity`
     mouth = [L[None], lip(f5, up), R[None], lip(f5[::-1], lo), lip([.1], L[1]), lip([.3, .5, .7], g['lip_upper_in']), lip([.9], L[1]), lip([.7, .5, .3], g['lip_lower_in'])]
     return np.concatenate([jaw, left[::-1], right, np.linspace((ex, ey + 1), nose, 4), nostrils, ring + g['eyes'][0], ring + g['eyes'][1], *mouth])
 
-# %% ../nbs/00b_synth.ipynb 50
+# %% ../nbs/00b_synth.ipynb 54
 def jitter_aus(aus:dict, rng:np.random.Generator, strength:tuple=(.7, 1.)) -> dict:
     "`aus` at a random overall strength with per-AU jitter, plus occasionally one faint stray AU; rounded to 3 decimals."
     k = rng.uniform(*strength)
@@ -415,7 +417,7 @@ def synth_sample(label:str, # an expression label (any spelling `canonical_label
     label = canonical_label(label)
     return dict(label=label, identity=sample_identity(rng), view=sample_view(rng), aus=jitter_aus(EXPRESSION_AUS[label], rng))
 
-# %% ../nbs/00b_synth.ipynb 53
+# %% ../nbs/00b_synth.ipynb 57
 def _random_pose(rng, w, h, A, max_angle=20., margin=.08):
     "A face-frame → image transform putting the 100×100 aligned crop region (given by `A`) rotated, scaled and placed in a w×h image."
     theta = np.deg2rad(rng.uniform(-max_angle, max_angle))
@@ -427,7 +429,7 @@ def _random_pose(rng, w, h, A, max_angle=20., margin=.08):
     P = np.hstack([R, (c - R @ [50, 50])[:, None]])  # aligned crop -> image
     return np.vstack([P, [0, 0, 1]])[:2] @ np.vstack([A, [0, 0, 1]]), dict(angle=float(np.rad2deg(theta)), scale=float(s), cx=float(c[0]), cy=float(c[1]))
 
-# %% ../nbs/00b_synth.ipynb 55
+# %% ../nbs/00b_synth.ipynb 59
 def render_faces(labels:list[str], # expression labels, one per picture
                  seed:int=0, # picture i is drawn from numpy Generator seeded with (seed, i)
                  size:int=112, # side of the square pictures
@@ -445,7 +447,7 @@ def render_faces(labels:list[str], # expression labels, one per picture
         out.append((Image.fromarray(jpeg_roundtrip(img, view['jpeg']) if jpeg else img), aus))
     return out
 
-# %% ../nbs/00b_synth.ipynb 59
+# %% ../nbs/00b_synth.ipynb 63
 RAFDB_BASIC_TRAIN_COUNTS = {'Surprise': 1290, 'Fear': 281, 'Disgust': 717, 'Happiness': 4772, 'Sadness': 1982, 'Anger': 705, 'Neutral': 2524}
 RAFDB_COMPOUND_COUNTS = {'Happily Surprised': 697, 'Happily Disgusted': 266, 'Sadly Fearful': 129, 'Sadly Angry': 163,
                          'Sadly Surprised': 86, 'Sadly Disgusted': 738, 'Fearfully Angry': 150, 'Fearfully Surprised': 560,
@@ -463,7 +465,7 @@ def class_counts(n:int, # total number of images
     while counts.sum() < n: counts[np.argmax(target - counts)] += 1
     return dict(zip(weights, counts.tolist()))
 
-# %% ../nbs/00b_synth.ipynb 62
+# %% ../nbs/00b_synth.ipynb 66
 def _split_labels(counts:dict, test_fraction:float, rng) -> dict[str, list[str]]:
     splits = {'train': [], 'test': []}
     for label, c in counts.items():
@@ -471,6 +473,7 @@ def _split_labels(counts:dict, test_fraction:float, rng) -> dict[str, list[str]]
         splits['test'] += [label] * n_test; splits['train'] += [label] * (c - n_test)
     return {k: [v[i] for i in rng.permutation(len(v))] for k, v in splits.items()}
 
+# %% ../nbs/00b_synth.ipynb 68
 def _build_dataset(root:Path, marker:str, params:dict, parts:tuple, build) -> Path:
     "Run `build(folder)` in a hidden folder inside `root`, then move `parts` and `marker` into `root`, unless `root` is already complete."
     root = Path(root); done = lambda: (root/marker).exists() and json.loads((root/marker).read_text()) == params
@@ -490,7 +493,7 @@ def _build_dataset(root:Path, marker:str, params:dict, parts:tuple, build) -> Pa
     finally: shutil.rmtree(work, ignore_errors=True)
     return root
 
-# %% ../nbs/00b_synth.ipynb 64
+# %% ../nbs/00b_synth.ipynb 70
 def _placed(s:dict, rng:np.random.Generator, original_size:tuple[int, int], aligned_size:int=100) -> dict:
     "Where sample `s`'s face goes: an original of random size, face-frame transforms to it (`O`) and to the aligned crop (`A`), landmarks in it, pose."
     idt, aus, view = s['identity'], s['aus'], s['view']
@@ -510,7 +513,7 @@ def synth_rafdb_picture(label:str, # expression label
     original, aligned = render(idt, aus, view, p['O'], (W, H), rng), render(idt, aus, view, p['A'], (aligned_size, aligned_size), rng)
     return dict(s, original=original, aligned=aligned, landmarks=p['landmarks'], pose=p['pose'])
 
-# %% ../nbs/00b_synth.ipynb 67
+# %% ../nbs/00b_synth.ipynb 73
 SYNTH_VERSION = 1
 _RAFDB_SUBSETS = {'basic': (RAFDB_BASIC, RAFDB_BASIC_TRAIN_COUNTS, {'train': 5, 'test': 4}),
                   'compound': (RAFDB_COMPOUND, RAFDB_COMPOUND_COUNTS, {'train': 4, 'test': 4})}
@@ -526,7 +529,7 @@ def _write_rafdb_picture(sub:Path, name:str, pic:dict, labels) -> dict:
                 description=describe_aus(pic['aus']), gender=idt['gender'], race=idt['race'], age=idt['age'], yaw=round(pic['view']['yaw'], 3),
                 **{k: round(v, 3) for k, v in pic['pose'].items()}, background=pic['view']['background']['kind'], identity=json.dumps(idt))
 
-# %% ../nbs/00b_synth.ipynb 68
+# %% ../nbs/00b_synth.ipynb 74
 def make_synthetic_rafdb(root:str|Path, # folder to write (created if missing)
                          n_basic:int=1400, # basic-subset images, train + test
                          n_compound:int=700, # compound-subset images, train + test
@@ -555,7 +558,7 @@ def make_synthetic_rafdb(root:str|Path, # folder to write (created if missing)
         write_atomic(out/'synthetic_rafdb.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_rafdb.json', params, (*_RAFDB_SUBSETS, 'synthetic_meta.csv'), build)
 
-# %% ../nbs/00b_synth.ipynb 89
+# %% ../nbs/00b_synth.ipynb 95
 def _smooth(x): x = np.clip(x, 0, 1); return x*x*(3 - 2*x)
 
 def expression_plan(frames:int, # video length in frames
@@ -578,7 +581,7 @@ def frame_labels(shown:np.ndarray, level:np.ndarray) -> np.ndarray:
     "ABAW per-frame labels: the class drawn where it is at least half its apex intensity, else -1."
     return np.where(level >= .5, shown, -1)
 
-# %% ../nbs/00b_synth.ipynb 92
+# %% ../nbs/00b_synth.ipynb 98
 def _video_frames(rng, frames, classes, frame_size, size, expression_aus=None):
     "Yield (full frame or None, aligned crop, ABAW label, metadata) for each frame of one synthetic video; no full frames if `frame_size` is None."
     idt, view = sample_identity(rng), sample_view(rng)
@@ -599,7 +602,7 @@ def _video_frames(rng, frames, classes, frame_size, size, expression_aus=None):
         yield (full, render(idt, aus, v, aligned_transform(idt, aus, yaw, size), (size, size), rng), int(labels[t]),
                dict(shown=int(shown[t]), level=round(float(level[t]), 3), aus=json.dumps(aus), yaw=round(yaw, 3)))
 
-# %% ../nbs/00b_synth.ipynb 93
+# %% ../nbs/00b_synth.ipynb 99
 def make_synthetic_cexpr(root:str|Path, # folder to write (created if missing)
                          n_videos:int=7, # video i starts with class i % 7, so 7 videos cover every class
                          frames:int=48, # frames per video
@@ -635,7 +638,7 @@ def make_synthetic_cexpr(root:str|Path, # folder to write (created if missing)
         write_atomic(out/'synthetic_cexpr.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_cexpr.json', params, ('videos', 'cropped_aligned', 'annotations', 'synthetic_meta.csv'), build)
 
-# %% ../nbs/00b_synth.ipynb 98
+# %% ../nbs/00b_synth.ipynb 104
 def _affectnet_sample(cls:str, # an AffectNet class, e.g. 'Happy', 'Contempt', 'Non-Face'
                       rng:np.random.Generator,
                      ) -> dict:
@@ -660,13 +663,14 @@ def synth_affectnet_picture(cls:str, # an AffectNet class
     box = tuple(int(v) for v in np.r_[np.floor(np.maximum(corners.min(0), 0)), np.ceil(np.minimum(corners.max(0), (W, H)))])
     return dict(s, picture=img, box=box, landmarks68=transform_points(p['O'], face_landmarks_68(idt, aus, view['yaw'])), landmarks=p['landmarks'], pose=p['pose'])
 
-# %% ../nbs/00b_synth.ipynb 100
+# %% ../nbs/00b_synth.ipynb 106
 def _affectnet_line(name:str, pic:dict, va:np.ndarray) -> str:
     "One row of an AffectNet CSV file list."
     x0, y0, x1, y1 = pic['box']
     return ','.join([name, str(x0), str(y0), str(x1 - x0), str(y1 - y0), ';'.join(f'{v:.2f}' for v in pic['landmarks68'].ravel()),
                      str(AFFECTNET_CLASSES.index(pic['label'])), f'{va[0]:.6f}', f'{va[1]:.6f}'])
 
+# %% ../nbs/00b_synth.ipynb 108
 def make_synthetic_affectnet(root:str|Path, # folder to write (created if missing)
                              n_train:int=66, # training.csv rows (the 11 classes in equal numbers, at least one each)
                              n_validation:int=33, # validation.csv rows
@@ -693,11 +697,12 @@ def make_synthetic_affectnet(root:str|Path, # folder to write (created if missin
         write_atomic(out/'synthetic_affectnet.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_affectnet.json', params, ('Manually_Annotated_file_lists', 'Manually_Annotated_Images', 'synthetic_meta.csv'), build)
 
-# %% ../nbs/00b_synth.ipynb 104
+# %% ../nbs/00b_synth.ipynb 112
 def _affwild2_label(shown:int, level:float) -> int:
     "Aff-Wild2 label of a frame: the class drawn at half its apex or more, Neutral (0) at rest, -1 in between."
     return shown if level >= .5 else 0 if shown < 0 or level < .1 else -1
 
+# %% ../nbs/00b_synth.ipynb 114
 def make_synthetic_affwild2(root:str|Path, # folder to write (created if missing)
                             n_videos:int=8, # video i shows non-neutral class 1 + i % 7 first
                             n_validation:int=2, # the last this many videos go to Validation_Set
