@@ -24,8 +24,8 @@ from .runs import run_recipe, base_fingerprint, finished_run, resume_point, star
 from .runs import RUN_INFO, git_commit  # not used here: importable from cer_nb.train until callers import them from cer_nb.runs
 
 # %% auto 0
-__all__ = ['SCHEDULERS', 'DTYPES', 'PRESETS', 'PRESET_ESTIMATES', 'StageConfig', 'FaceDataset', 'stage_model', 'train_stage',
-           'stage2_config', 'plot_loss']
+__all__ = ['SCHEDULERS', 'DTYPES', 'PRESETS', 'StageConfig', 'FaceDataset', 'stage_model', 'train_stage', 'stage2_config',
+           'plot_loss']
 
 # %% ../nbs/04_stage1_basic.ipynb 6
 # the Trainer's schedules, less those that need extra arguments (min_lr, decay steps) or evaluation (reduce_lr_on_plateau)
@@ -99,9 +99,6 @@ PRESETS = {
     'l4':   dict(dtype='bfloat16', batch_size=8, grad_accum=2),
     'a100': dict(dtype='bfloat16', batch_size=16),
 }
-PRESET_ESTIMATES = pd.DataFrame([
-    ('t4', '16 GB', '~7 GB', '~1.5 h'), ('l4', '24 GB', '~12 GB', '~35 min'), ('a100', '40/80 GB', '~18 GB', '~12 min')],
-    columns=['preset', 'GPU memory', 'est. peak use, stage 1', 'est. time per epoch, stage 1']).set_index('preset')
 
 # %% ../nbs/04_stage1_basic.ipynb 15
 class FaceDataset(torch.utils.data.Dataset):
