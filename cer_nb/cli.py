@@ -4,10 +4,10 @@
 
 # %% ../nbs/08_cli.ipynb 3
 from __future__ import annotations
-import argparse, contextlib, json, os, sys, time, warnings
+import argparse, contextlib, json, math, os, re, sys, tempfile, time, warnings
 from pathlib import Path
 import cer_nb
-from .core import LABEL_SETS, RAFDB_COMPOUND, ABAW_COMPOUND, write_atomic
+from .core import LABEL_SETS, RAFDB_COMPOUND, ABAW_COMPOUND, write_atomic, check_model_ref
 from .prompts import PROMPT_VARIANTS, DEFAULT_VARIANT
 
 # %% auto 0
@@ -17,7 +17,7 @@ __all__ = ['DEMO_DEFAULTS', 'DEMO_QUICK', 'LORA_PRESET_NAMES', 'HARDWARE_PRESETS
            'demo_stage_configs', 'label_probs', 'compound_scores', 'cexpr_scores', 'summarise_seeds', 'summary_table',
            'run_demo', 'cmd_demo']
 
-# %% ../nbs/08_cli.ipynb 8
+# %% ../nbs/08_cli.ipynb 9
 DEMO_DEFAULTS = dict(
     basic=1400, compound=700,  # synthetic RAF-DB images per subset (train + test, RAF-DB's class imbalance)
     min_per_class=10,  # images per class at least
@@ -30,6 +30,8 @@ DEMO_DEFAULTS = dict(
     seeds=(0,),  # training seeds (LoRA init, data order); several give mean and spread
 )
 DEMO_QUICK = dict(basic=70, compound=110, min_per_class=4, videos=2, frames=24, steps1=6, steps2=6)
+_DEMO_LEAST = dict(basic=1, compound=1, min_per_class=1, videos=1, frames=1, data_seed=0, steps1=1, steps2=1, batch_size=1, lora_r=1,
+                   image_size=16, eval_batch_size=1, smooth_window=1)  # the least value of each integer setting
 
 def demo_settings(quick:bool=False, # start from the tiny `DEMO_QUICK` sizes
                   **overrides, # settings to change; `None` values are ignored
@@ -37,9 +39,12 @@ def demo_settings(quick:bool=False, # start from the tiny `DEMO_QUICK` sizes
     "The demo's settings: `DEMO_DEFAULTS`, then `DEMO_QUICK` if `quick`, then `overrides`."
     if unknown := sorted(set(overrides) - set(DEMO_DEFAULTS)): raise ValueError(f"unknown demo setting(s) {unknown}; expected some of {list(DEMO_DEFAULTS)}")
     s = {**DEMO_DEFAULTS, **(DEMO_QUICK if quick else {}), **{k: v for k, v in overrides.items() if v is not None}}
+    for k, least in _DEMO_LEAST.items():
+        if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] < least: raise ValueError(f"demo setting {k}={s[k]!r}: expected an integer ≥ {least}")
+    if isinstance(s['lr'], bool) or not isinstance(s['lr'], (int, float)) or not 0 < s['lr'] < math.inf: raise ValueError(f"demo setting lr={s['lr']!r}: expected a number > 0")
     return {**s, 'seeds': list(dict.fromkeys(int(v) for v in s['seeds']))}
 
-# %% ../nbs/08_cli.ipynb 11
+# %% ../nbs/08_cli.ipynb 12
 LORA_PRESET_NAMES = ('lm', 'lm+vision', 'vision')  # = cer_nb.model.LORA_PRESETS
 HARDWARE_PRESETS = ('cpu-tiny', 't4', 'l4', 'a100')  # = cer_nb.train.PRESETS
 _Formatter = lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30)
@@ -47,7 +52,21 @@ _Formatter = lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_po
 def _demo_default(key:str) -> str:
     return f"default {DEMO_DEFAULTS[key]}" + (f"; --quick: {DEMO_QUICK[key]}" if key in DEMO_QUICK else '')
 
-# %% ../nbs/08_cli.ipynb 12
+def _ranged(kind:type, # int or float
+            ok, # value -> whether it is allowed
+            allowed:str, # the allowed values in words, for the message
+           ):
+    "An argparse type: `kind(text)` if it is allowed, else argparse's usage error saying what is."
+    def parse(text:str):
+        try: value = kind(text)
+        except ValueError: value = None
+        if value is None or not ok(value): raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'} {allowed}")
+        return value
+    return parse
+
+_AT_LEAST_1, _POSITIVE = _ranged(int, lambda v: v >= 1, '≥ 1'), _ranged(float, lambda v: 0 < v < math.inf, '> 0')
+
+# %% ../nbs/08_cli.ipynb 13
 def _add_demo_parser(sub):
     p = sub.add_parser('demo', formatter_class=_Formatter, help='run the whole pipeline on synthetic data (minutes on a CPU)',
         description='Run the paper\'s pipeline on SYNTHETIC data with the tiny pre-trained model shipped with cer_nb: stage 1 '
@@ -58,20 +77,28 @@ def _add_demo_parser(sub):
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument('--seed', type=int, metavar='N', help='training seed (default 0)')
     seeds.add_argument('--seeds', type=int, nargs='+', metavar='N', help='several training seeds: each trains its own models; the summary gives mean and spread')
-    for opt, key, typ, what in [('--basic', 'basic', int, 'synthetic RAF-DB basic images, train + test'), ('--compound', 'compound', int, 'synthetic RAF-DB compound images, train + test'),
-                                ('--steps1', 'steps1', int, 'training steps of stage 1 (basic)'), ('--steps2', 'steps2', int, 'training steps of stage 2 (compound), and of the compound-only model'),
-                                ('--videos', 'videos', int, 'synthetic C-EXPR videos'), ('--batch-size', 'batch_size', int, 'training faces per step'),
-                                ('--lr', 'lr', float, 'peak learning rate'), ('--data-seed', 'data_seed', int, 'seed of the synthetic data sets')]:
-        p.add_argument(opt, dest=key, type=typ, metavar='F' if typ is float else 'N', help=f'{what} ({_demo_default(key)})')
+    for opt, key, typ, what in [('--basic', 'basic', _AT_LEAST_1, 'synthetic RAF-DB basic images, train + test'), ('--compound', 'compound', _AT_LEAST_1, 'synthetic RAF-DB compound images, train + test'),
+                                ('--steps1', 'steps1', _AT_LEAST_1, 'training steps of stage 1 (basic)'), ('--steps2', 'steps2', _AT_LEAST_1, 'training steps of stage 2 (compound), and of the compound-only model'),
+                                ('--videos', 'videos', _AT_LEAST_1, 'synthetic C-EXPR videos'), ('--batch-size', 'batch_size', _AT_LEAST_1, 'training faces per step'),
+                                ('--lr', 'lr', _POSITIVE, 'peak learning rate'), ('--data-seed', 'data_seed', _ranged(int, lambda v: v >= 0, '≥ 0'), 'seed of the synthetic data sets')]:
+        p.add_argument(opt, dest=key, type=typ, metavar='F' if typ is _POSITIVE else 'N', help=f'{what} ({_demo_default(key)})')
     p.add_argument('--quick', action='store_true', help='tiny sizes and few steps, for tests: finishes in well under a minute; accuracy means nothing')
     p.add_argument('--base', metavar='MODEL', help='base checkpoint, a folder or Hub id (default: the tiny pre-trained face model shipped with cer_nb)')
-    p.add_argument('--threads', type=int, default=1, metavar='N', help="CPU threads for torch (default %(default)s: the tiny model's operations are too small to gain from more, and lose a lot when cores are shared)")
+    p.add_argument('--threads', type=_AT_LEAST_1, default=1, metavar='N', help="CPU threads for torch (default %(default)s: the tiny model's operations are too small to gain from more, and lose a lot when cores are shared)")
     p.add_argument('--quiet', action='store_true', help='no progress bars or step messages; only the summary')
 
-# %% ../nbs/08_cli.ipynb 14
+# %% ../nbs/08_cli.ipynb 15
 _STAGE_OPTIONS = {'init_mode': 'init_mode', 'variant': 'variant', 'lora_preset': 'lora_preset', 'r': 'lora_r', 'epochs': 'epochs',
                   'max_steps': 'max_steps', 'batch_size': 'batch_size', 'grad_accum': 'grad_accum', 'lr': 'lr', 'seed': 'seed',
                   'image_size': 'image_size', 'dtype': 'dtype', 'save_steps': 'save_steps'}  # option dest -> StageConfig field
+
+_TRAIN_NUMBERS = [  # option, its type (the values StageConfig allows), help
+    ('--r', _AT_LEAST_1, 'LoRA rank (default 16)'), ('--epochs', _POSITIVE, 'passes over the training set (default 1)'),
+    ('--max-steps', _ranged(int, lambda v: v == -1 or v >= 1, '-1 (train for --epochs) or ≥ 1'), 'stop after this many steps; overrides --epochs'),
+    ('--batch-size', _AT_LEAST_1, 'faces per step per device (default 8)'), ('--grad-accum', _AT_LEAST_1, 'gradient accumulation steps (default 1)'),
+    ('--lr', _POSITIVE, 'peak learning rate (default 2e-4)'), ('--seed', _ranged(int, lambda v: 0 <= v < 2**32, 'in [0, 2**32)'), 'seed of LoRA init, data order and dropout (default 0)'),
+    ('--save-steps', _AT_LEAST_1, 'checkpoint every N steps (default 200)'),
+    ('--image-size', _ranged(int, lambda v: v == 0 or v >= 16, '0 (keep the size) or ≥ 16'), 'resize faces to N x N pixels; 0 keeps their size (default 100, the RAF-DB aligned size)')]
 
 def _add_train_parser(sub):
     p = sub.add_parser('train', formatter_class=_Formatter, help='fine-tune one stage on your RAF-DB copy',
@@ -91,32 +118,29 @@ def _add_train_parser(sub):
     p.add_argument('--preset', choices=HARDWARE_PRESETS, help='hardware settings applied first (batch size, dtype, 4-bit, ...; see cer_nb.train.PRESETS)')
     p.add_argument('--variant', choices=PROMPT_VARIANTS, help=f'prompt variant (default {DEFAULT_VARIANT})')
     p.add_argument('--lora-preset', choices=LORA_PRESET_NAMES, help='which layers get LoRA adapters (default lm)')
-    for opt, typ, what in [('--r', int, 'LoRA rank (default 16)'), ('--epochs', float, 'passes over the training set (default 1)'),
-                           ('--max-steps', int, 'stop after this many steps; overrides --epochs'), ('--batch-size', int, 'faces per step per device (default 8)'),
-                           ('--grad-accum', int, 'gradient accumulation steps (default 1)'), ('--lr', float, 'peak learning rate (default 2e-4)'),
-                           ('--seed', int, 'seed of LoRA init, data order and dropout (default 0)'), ('--save-steps', int, 'checkpoint every N steps (default 200)'),
-                           ('--image-size', int, 'resize faces to N x N pixels; 0 keeps their size (default 100, the RAF-DB aligned size)')]:
-        p.add_argument(opt, type=typ, metavar='F' if typ is float else 'N', help=what)
+    for opt, typ, what in _TRAIN_NUMBERS: p.add_argument(opt, type=typ, metavar='F' if typ is _POSITIVE else 'N', help=what)
     p.add_argument('--dtype', choices=('auto', 'bfloat16', 'float32'), help='weights dtype (default auto; never fp16: Qwen2 overflows)')
     p.add_argument('--no-aligned', action='store_true', help='train on the original images instead of the aligned 100x100 faces')
     p.add_argument('--quiet', action='store_true', help='no progress bar or loss log')
 
-# %% ../nbs/08_cli.ipynb 15
+# %% ../nbs/08_cli.ipynb 16
 def _add_predict_parser(sub):
     p = sub.add_parser('predict', formatter_class=_Formatter, help='label face images with a trained run or a base model',
         description='Predict the expression of each face image and print a table (image, label, top probability). Images are '
-                    'expected to be face crops; --align finds and aligns the face first.')
-    p.add_argument('checkpoint', metavar='CHECKPOINT', help='a run directory (from cer_nb train or demo), a base model folder or a Hub id')
+                    'expected to be face crops; --align finds and aligns the face first. An image that cannot be read (or, with '
+                    '--align, has no face) gets an error line and the others go on; the exit code is then 1.')
+    p.add_argument('checkpoint', metavar='CHECKPOINT', help='a run directory (from cer_nb train or demo), a peft adapter folder, a base model folder or a Hub id')
     p.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER', help='image files, or folders whose images (.jpg, .png, ...) are all used')
-    p.add_argument('--labels', choices=list(LABEL_SETS), help="the classes to choose among (default: the run's; required for a base model)")
+    p.add_argument('--labels', choices=list(LABEL_SETS), help="the classes to choose among (default: the run's; required for an adapter or a base model)")
     p.add_argument('--align', action='store_true', help='detect and align each face to the RAF-DB template first')
     p.add_argument('--method', choices=('score', 'generate'), default='score', help="'score' every label by likelihood (default), or 'generate' an answer and parse it (the paper's way)")
-    p.add_argument('--batch-size', type=int, default=8, metavar='N', help='faces per forward pass (default %(default)s)')
+    p.add_argument('--batch-size', type=_AT_LEAST_1, default=8, metavar='N', help='faces per forward pass (default %(default)s)')
     p.add_argument('--recursive', action='store_true', help='also use images in sub-folders of the folders given')
     p.add_argument('--device', metavar='DEV', help="e.g. 'cuda' or 'cpu' (default: the GPU if there is one)")
+    p.add_argument('--base', metavar='MODEL', help='the base model to use instead of the one the checkpoint names (e.g. it moved)')
     p.add_argument('--out', metavar='FILE', help='also write the predictions, with every label\'s probability, to FILE.csv or FILE.json')
 
-# %% ../nbs/08_cli.ipynb 16
+# %% ../nbs/08_cli.ipynb 17
 def cli_parser() -> argparse.ArgumentParser:
     "The `cer_nb` argument parser, with its `demo`, `train` and `predict` commands."
     p = argparse.ArgumentParser(prog='cer_nb', formatter_class=_Formatter,
@@ -128,25 +152,37 @@ def cli_parser() -> argparse.ArgumentParser:
     for add in (_add_demo_parser, _add_train_parser, _add_predict_parser): add(sub)
     return p
 
-# %% ../nbs/08_cli.ipynb 18
+# %% ../nbs/08_cli.ipynb 19
 USER_ERRORS = (OSError, ValueError)
 
+def _one_line(e) -> str: return ' '.join(str(e).split())
+
+@contextlib.contextmanager
+def _warnings_as_lines(command:str):
+    "Show warnings as `cer_nb COMMAND: warning: ...`, without the file and line of the code that warned."
+    show = warnings.showwarning
+    warnings.showwarning = lambda message, *args, **kw: print(f"cer_nb {command}: warning: {message}", file=sys.stderr)
+    try: yield
+    finally: warnings.showwarning = show
+
+# %% ../nbs/08_cli.ipynb 20
 def main(argv:list[str]|None=None, # the arguments after `cer_nb`; None: `sys.argv[1:]`
         ) -> int:
-    "Run the `cer_nb` command line; returns the exit code (0 done, 2 a usage or input error)."
+    "Run the `cer_nb` command line; the exit code: 0 done, 1 some images failed (or an unexpected error), 2 a usage or input error."
     try: args = cli_parser().parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 0  # --help, or a usage error argparse explained
     command = globals()[f'cmd_{args.command}']  # `cmd_demo`, `cmd_train`, `cmd_predict`, defined below
-    try: return command(args)
-    except USER_ERRORS as e:
-        if args.debug: raise
-        print(f"cer_nb {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    try:
+        with _warnings_as_lines(args.command): return command(args)
     except KeyboardInterrupt:
-        print(f"cer_nb {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"cer_nb {args.command}: interrupted", file=sys.stderr); return 130
+    except Exception as e:
+        if args.debug: raise
+        user = isinstance(e, USER_ERRORS)
+        print(f"cer_nb {args.command}: error: " + (_one_line(e) if user else f"{type(e).__name__}: {_one_line(e)} (unexpected: --debug shows where)"), file=sys.stderr)
+        return 2 if user else 1
 
-# %% ../nbs/08_cli.ipynb 27
+# %% ../nbs/08_cli.ipynb 31
 def _model_ref(name_or_path:str) -> str:
     "A local checkpoint folder as an absolute path; anything else (a Hub id) unchanged."
     p = Path(name_or_path).expanduser()
@@ -162,7 +198,7 @@ def train_config(args:argparse.Namespace, # parsed `cer_nb train` options
                        init_from=str(Path(args.init_from).expanduser().resolve()) if args.init_from else None,
                        **{**PRESETS.get(args.preset, {}), **typed})
 
-# %% ../nbs/08_cli.ipynb 34
+# %% ../nbs/08_cli.ipynb 40
 def _hush_libraries():
     "Silence transformers' loading bars, info messages and deprecation warnings (the Trainer's progress bar stays)."
     from transformers.utils import logging as hf_logging
@@ -173,11 +209,12 @@ def _hush_libraries():
 def _say(msg:str, quiet:bool=False):
     if not quiet: print(f'[cer_nb] {msg}', file=sys.stderr, flush=True)
 
-# %% ../nbs/08_cli.ipynb 35
+# %% ../nbs/08_cli.ipynb 41
 def cmd_train(args:argparse.Namespace) -> int:
     "`cer_nb train`: fine-tune one stage on a RAF-DB copy."
     from cer_nb.data import load_rafdb
     train = load_rafdb(args.data, args.subset, split='train', aligned=not args.no_aligned)  # a wrong path fails before torch loads
+    check_model_ref(args.base, '--base')  # so does a mistyped base, or a Hub id that is not cached while offline
     _hush_libraries()
     from cer_nb.train import read_run_info, train_stage
     if args.init_from: read_run_info(args.init_from)  # fail now, not after loading the model, if it is not a finished run
@@ -188,7 +225,7 @@ def cmd_train(args:argparse.Namespace) -> int:
     print(f"{cfg.stage} done: {run} ({m['steps']} steps, {m['seconds']:.0f} s training, train loss {m['train_loss']:.3f})")
     return 0
 
-# %% ../nbs/08_cli.ipynb 39
+# %% ../nbs/08_cli.ipynb 47
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 def image_paths(items:list, # image files and folders
@@ -205,21 +242,22 @@ def image_paths(items:list, # image files and folders
         else: raise FileNotFoundError(f"no such image or folder: {item}")
     return paths
 
-# %% ../nbs/08_cli.ipynb 42
+# %% ../nbs/08_cli.ipynb 50
 def predictions_table(paths:list, # the images, in the order predicted
                       preds:list, # their `cer_nb.infer.Prediction`s
                      ):
-    "One row per image: `image`, `label`, `probability` (method 'score') or `answer` ('generate'), then `p(<label>)` columns."
+    "One row per image: `image`, `label`, `probability` (method 'score') or `answer` ('generate'), `p(<label>)` columns, and `error` if any failed."
     import pandas as pd
     rows = []
     for path, p in zip(paths, preds, strict=True):
         row = {'image': str(path), 'label': p.label}
         if p.probs is not None: row |= {'probability': p.probs[p.label], **{f'p({l})': v for l, v in p.probs.items()}}
-        else: row['answer'] = p.answer
-        rows.append(row)
-    return pd.DataFrame(rows)
+        elif p.error is None: row['answer'] = p.answer
+        rows.append(row | ({'error': p.error} if p.error else {}))
+    table = pd.DataFrame(rows)
+    return table[[c for c in table if c != 'error'] + (['error'] if 'error' in table else [])]
 
-# %% ../nbs/08_cli.ipynb 44
+# %% ../nbs/08_cli.ipynb 52
 PREDICTION_FORMATS = ('.csv', '.json')
 
 def _write_csv(df, path:Path) -> Path:
@@ -235,33 +273,55 @@ def write_predictions(table, # from `predictions_table`
     if path.suffix.lower() not in PREDICTION_FORMATS: raise ValueError(f"--out {path}: the file name must end in .csv or .json")
     return write_json(table.to_dict(orient='records'), path) if path.suffix.lower() == '.json' else _write_csv(table, path)
 
-# %% ../nbs/08_cli.ipynb 46
+# %% ../nbs/08_cli.ipynb 54
 def _check_checkpoint(checkpoint:str, labels:str|None):
-    "Fail early, naming the path, if `checkpoint` cannot be a run directory, a model folder or (with `labels`) a Hub id."
+    "Fail early, naming the path, if `checkpoint` cannot be a run directory, a peft adapter or a model folder, or (with `labels`) a Hub id that can be had."
     p = Path(checkpoint).expanduser()
-    if not p.exists():
-        if labels is None: raise FileNotFoundError(f"no run directory {checkpoint} (to use a Hub model zero-shot, also pass --labels)")
-    elif not p.is_dir(): raise NotADirectoryError(f"checkpoint {checkpoint} is a file; expected a run directory or a model folder")
-    elif not any((p/f).is_file() for f in ('cer_nb.json', 'adapter_config.json', 'config.json')):
-        raise FileNotFoundError(f"{checkpoint} is neither a cer_nb run directory (no cer_nb.json) nor a model folder (no config.json)")
+    if p.is_file(): raise NotADirectoryError(f"checkpoint {checkpoint} is a file; expected a run directory or a model folder")
+    if (p/'cer_nb.json').is_file(): return
+    if p.is_dir() and not any((p/f).is_file() for f in ('adapter_config.json', 'config.json')):
+        raise FileNotFoundError(f"{checkpoint} is neither a cer_nb run directory (no cer_nb.json), a peft adapter (no adapter_config.json) nor a model folder (no config.json)")
+    if labels is None and not p.exists(): raise FileNotFoundError(f"no run directory {checkpoint} (to use a Hub model zero-shot, also pass --labels)")
+    if labels is None: raise ValueError(f"{checkpoint} is {'a peft adapter' if (p/'adapter_config.json').is_file() else 'a base model'}, not a cer_nb run: pass --labels, the classes to choose among")
+    if not p.exists(): check_model_ref(checkpoint, 'checkpoint')  # a Hub id: in the cache, or the Hub within reach
 
-# %% ../nbs/08_cli.ipynb 47
+# %% ../nbs/08_cli.ipynb 55
+def _print_predictions(table):
+    "The predicted images as a plain table on stdout (those that failed are reported on stderr)."
+    import pandas as pd
+    good = table[table['error'].isna()] if 'error' in table else table
+    if not len(good): return
+    with pd.option_context('display.max_colwidth', 80, 'display.float_format', '{:.3f}'.format):
+        print(good[[c for c in ('image', 'label', 'probability', 'answer') if c in good]].to_string(index=False))
+
+# %% ../nbs/08_cli.ipynb 57
+def _report_failures(failures:list, n:int) -> int:
+    "An error line per image that failed and a summary, on stderr; the exit code: 1 if any failed."
+    for f in failures:
+        msg = _one_line(f.error)
+        print(f"cer_nb predict: error: {msg if f.item in msg else f'{f.item}: {msg}'}", file=sys.stderr)
+    if failures: print(f"cer_nb predict: {len(failures)} of {n} images failed; the other {n - len(failures)} were predicted", file=sys.stderr)
+    return 1 if failures else 0
+
+# %% ../nbs/08_cli.ipynb 58
 def cmd_predict(args:argparse.Namespace) -> int:
-    "`cer_nb predict`: print (and optionally write) the predicted expression of each image."
+    "`cer_nb predict`: print (and optionally write) the predicted expression of each image; each image that fails gets an error line."
     paths = image_paths(args.images, args.recursive)
     if args.out and Path(args.out).suffix.lower() not in PREDICTION_FORMATS: raise ValueError(f"--out {args.out}: the file name must end in .csv or .json")
     _check_checkpoint(args.checkpoint, args.labels)
+    if args.base: check_model_ref(args.base, '--base')
     _hush_libraries()
     from cer_nb.infer import predict
-    preds = predict(paths, args.checkpoint, labels=args.labels, align=args.align, batch_size=args.batch_size, method=args.method, device=args.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=r'\d+ of \d+ images failed')  # each failure gets its own line below
+        preds = predict(paths, args.checkpoint, labels=args.labels, align=args.align, batch_size=args.batch_size, method=args.method,
+                        device=args.device, base_model=args.base)
     table = predictions_table(paths, preds)
-    shown = table[['image', 'label', 'probability' if 'probability' in table else 'answer']]
-    import pandas as pd
-    with pd.option_context('display.max_colwidth', 80, 'display.float_format', '{:.3f}'.format): print(shown.to_string(index=False))
+    _print_predictions(table)
     if args.out: print(f"wrote {write_predictions(table, args.out)}")
-    return 0
+    return _report_failures(preds.failures, len(paths))
 
-# %% ../nbs/08_cli.ipynb 53
+# %% ../nbs/08_cli.ipynb 64
 _EVAL_ONLY = ('seeds', 'eval_batch_size', 'smooth_window')  # settings that change no data and no training run
 
 def _claim_out(out:Path, settings:dict, base:str):
@@ -275,7 +335,7 @@ def _claim_out(out:Path, settings:dict, base:str):
             raise FileExistsError(f"{out} holds a demo made with other settings ({', '.join(f'{k}: {old.get(k)} -> {made.get(k)}' for k in diff)}); use another --out or delete it")
     write_json(made, f)
 
-# %% ../nbs/08_cli.ipynb 55
+# %% ../nbs/08_cli.ipynb 66
 def demo_data(out, # the demo folder
               settings:dict, # from `demo_settings`
              ) -> dict:
@@ -294,7 +354,7 @@ def data_counts(data:dict) -> dict:
     return {**{k: len(v) for k, v in data.items() if k != 'cexpr'}, 'cexpr_videos': cexpr.video.nunique(),
             'cexpr_frames': len(cexpr), 'cexpr_labelled_frames': int(cexpr.label.notna().sum())}
 
-# %% ../nbs/08_cli.ipynb 58
+# %% ../nbs/08_cli.ipynb 69
 def demo_stage_configs(base:str, # base checkpoint
                        settings:dict, # from `demo_settings`
                        seed:int, # training seed
@@ -310,16 +370,16 @@ def demo_stage_configs(base:str, # base checkpoint
             'stage2': StageConfig(labels='rafdb_compound', stage='stage2', init_from=str(Path(seed_dir/'stage1').resolve()), **steps(s['steps2']), **common),
             'compound_only': StageConfig(labels='rafdb_compound', stage='compound_only', **steps(s['steps2']), **common)}
 
-# %% ../nbs/08_cli.ipynb 61
+# %% ../nbs/08_cli.ipynb 72
 def label_probs(run, # run directory
                 paths, # face images
                 labels, # the `LabelSet` to choose among
                 batch_size:int=32, # faces per forward pass
                ):
-    "(n_faces, n_labels) array of label probabilities from `run`."
+    "(n_faces, n_labels) array of label probabilities from `run`; the demo's own faces all decode, so one that does not stops it."
     import numpy as np
     from cer_nb.infer import predict
-    return np.array([[p.probs[l] for l in labels] for p in predict(list(paths), run, labels=labels, batch_size=batch_size, method='score')])
+    return np.array([[p.probs[l] for l in labels] for p in predict(list(paths), run, labels=labels, batch_size=batch_size, method='score', strict=True)])
 
 def compound_scores(y_true, # true compound labels
                     probs, # (n, 11) probabilities from `label_probs`
@@ -331,7 +391,7 @@ def compound_scores(y_true, # true compound labels
     return pred, {**{k: m[k] for k in ('n', 'accuracy', 'macro_f1', 'mean_class_accuracy')}, 'mean_top_probability': float(probs.max(1).mean()),
                   'per_class': m['per_class'], 'lost_components': component_summary(y_true, pred).loc['all'].to_dict()}
 
-# %% ../nbs/08_cli.ipynb 63
+# %% ../nbs/08_cli.ipynb 74
 def cexpr_scores(frames, # C-EXPR frames from `load_cexpr`: `video`, `frame`, `label`
                  probs, # (n_frames, 7) ABAW class probabilities from `label_probs`
                  window:int=9, # frames in the moving average
@@ -345,14 +405,14 @@ def cexpr_scores(frames, # C-EXPR frames from `load_cexpr`: `video`, `frame`, `l
                          'smooth_window': window, 'switches': prediction_switches(raw, frames.video),
                          'switches_smoothed': prediction_switches(smooth, frames.video), 'per_class_smoothed': m_smooth['per_class']}
 
-# %% ../nbs/08_cli.ipynb 65
+# %% ../nbs/08_cli.ipynb 76
 @contextlib.contextmanager
 def _timed(timings:dict, key:str):
     t0 = time.perf_counter()
     yield
     timings[key] = round(time.perf_counter() - t0, 2)
 
-# %% ../nbs/08_cli.ipynb 66
+# %% ../nbs/08_cli.ipynb 77
 def _train_seed(base, settings, seed, seed_dir, data, quiet, timings) -> tuple[dict, dict]:
     "Train (or reuse) this seed's three runs; their directories and `{run: reused}`."
     from cer_nb.train import RUN_INFO, train_stage
@@ -364,7 +424,7 @@ def _train_seed(base, settings, seed, seed_dir, data, quiet, timings) -> tuple[d
         with _timed(timings, name), contextlib.redirect_stdout(sys.stderr): runs[name] = train_stage(cfg, train[name], seed_dir/name, progress=not quiet)
     return runs, reused
 
-# %% ../nbs/08_cli.ipynb 67
+# %% ../nbs/08_cli.ipynb 78
 def _demo_seed(base, settings, seed, out, data, quiet) -> dict:
     "Train and evaluate one seed; write its predictions and submission; return its results."
     from cer_nb.train import read_run_info
@@ -385,7 +445,7 @@ def _demo_seed(base, settings, seed, out, data, quiet) -> dict:
             'two_stage': res['stage2'][1], 'compound_only': res['compound_only'][1], 'cexpr': cexpr,
             'predictions': {'compound_test': res['stage2'][0], 'compound_only': res['compound_only'][0], 'cexpr': smooth}}
 
-# %% ../nbs/08_cli.ipynb 69
+# %% ../nbs/08_cli.ipynb 80
 def _demo_figures(out:Path, data:dict, first:dict) -> dict:
     "Write the three confusion-matrix PNGs of the first seed; their paths."
     import matplotlib.pyplot as plt
@@ -402,7 +462,7 @@ def _demo_figures(out:Path, data:dict, first:dict) -> dict:
         paths[name] = str(save_figure(fig, out/name)); plt.close(fig)
     return paths
 
-# %% ../nbs/08_cli.ipynb 71
+# %% ../nbs/08_cli.ipynb 82
 SYNTHETIC_NOTE = ('SYNTHETIC results: cartoon faces from cer_nb.synth and a tiny model. They show that the pipeline runs '
                   'and learns; they are NOT results on RAF-DB or C-EXPR-DB and say nothing about Qwen2-VL on real faces.')
 
@@ -420,7 +480,7 @@ def summarise_seeds(per_seed:list, # results of each seed
             'stage1_gain': {k: two[k] - only[k] for k in ('accuracy', 'macro_f1')},
             'cexpr': _across_seeds(per_seed, 'cexpr', ('abaw_f1', 'abaw_f1_smoothed', 'accuracy', 'accuracy_smoothed'))}
 
-# %% ../nbs/08_cli.ipynb 72
+# %% ../nbs/08_cli.ipynb 83
 def summary_table(metrics:dict, # the demo's `metrics.json` contents
                  ):
     "The demo's headline numbers as a small table (mean ± sd over seeds where there are several)."
@@ -436,7 +496,7 @@ def summary_table(metrics:dict, # the demo's `metrics.json` contents
             (video, f'two-stage, smoothed ({win} frames)', fmt(metrics['cexpr'], 'accuracy_smoothed'), fmt(metrics['cexpr'], 'abaw_f1_smoothed'))]
     return pd.DataFrame(rows, columns=['evaluation', 'model', 'accuracy', 'macro F1 (ABAW F1)'])
 
-# %% ../nbs/08_cli.ipynb 74
+# %% ../nbs/08_cli.ipynb 85
 def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results (reused when run again)
              base:str|None=None, # base checkpoint; None: the tiny pre-trained face model shipped with cer_nb
              quick:bool=False, # tiny sizes (`DEMO_QUICK`), for tests
@@ -463,9 +523,10 @@ def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results 
     write_json(metrics, out/'metrics.json')
     return metrics
 
-# %% ../nbs/08_cli.ipynb 75
+# %% ../nbs/08_cli.ipynb 86
 def cmd_demo(args:argparse.Namespace) -> int:
     "`cer_nb demo`: the whole pipeline on synthetic data, with a summary table."
+    if args.base: check_model_ref(args.base, '--base')  # before torch loads
     import torch
     torch.set_num_threads(max(1, args.threads))
     keys = ('basic', 'compound', 'steps1', 'steps2', 'videos', 'batch_size', 'lr', 'data_seed')
@@ -478,3 +539,7 @@ def cmd_demo(args:argparse.Namespace) -> int:
           f"{m['stage1_gain']['accuracy']:+.3f} accuracy and {m['stage1_gain']['macro_f1']:+.3f} macro F1 over compound-only; {m['timings']['total']:.0f} s in all.\n"
           f"results: {Path(args.out)/'metrics.json'}, {', '.join(Path(f).name for f in m['files'].values())}")
     return 0
+
+# %% ../nbs/08_cli.ipynb 118
+#| eval: false
+if __name__ == '__main__': sys.exit(main())

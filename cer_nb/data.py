@@ -13,18 +13,18 @@ import cv2
 import numpy as np
 import pandas as pd
 from fastcore.basics import patch
-from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, LabelSet, canonical_label, write_atomic
+from .core import (RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, LabelSet, canonical_label, write_atomic,
+                         ItemFailure, BatchResult, map_items)
 from .align import load_image, landmarks_from_68
 
 # %% auto 0
 __all__ = ['RAFDB_SUBSETS', 'RAFDB_LABEL_FILE', 'RAFDB_ATTRIBUTES', 'ABAW_CLASS_NAMES', 'VIDEO_EXTENSIONS',
            'ABAW_SUBMISSION_HEADER', 'AFFECTNET_CLASSES', 'AFFECTNET_TO_RAFDB', 'AFFECTNET_COLUMNS', 'AFFECTNET_FILES',
-           'AFFWILD2_EXPR', 'AFFWILD2_TO_RAFDB', 'AFFWILD2_SPLITS', 'ItemFailure', 'BatchResult', 'BatchFailed',
-           'map_items', 'rafdb_subset_dir', 'read_rafdb_labels', 'read_rafdb_manual', 'load_rafdb',
-           'read_cexpr_annotation', 'read_video_frames', 'video_frame_count', 'check_video', 'extract_frames',
-           'load_cexpr', 'abaw_class_index', 'write_abaw_submission', 'read_abaw_submission', 'read_affectnet_csv',
-           'load_affectnet', 'read_affwild2_expr', 'load_affwild2', 'basic_training_set', 'check_images',
-           'plot_class_balance', 'show_faces']
+           'AFFWILD2_EXPR', 'AFFWILD2_TO_RAFDB', 'AFFWILD2_SPLITS', 'rafdb_subset_dir', 'read_rafdb_labels',
+           'read_rafdb_manual', 'load_rafdb', 'read_cexpr_annotation', 'read_video_frames', 'video_frame_count',
+           'check_video', 'extract_frames', 'load_cexpr', 'abaw_class_index', 'write_abaw_submission',
+           'read_abaw_submission', 'read_affectnet_csv', 'load_affectnet', 'read_affwild2_expr', 'load_affwild2',
+           'basic_training_set', 'check_images', 'plot_class_balance', 'show_faces']
 
 # %% ../nbs/01_data.ipynb 7
 _BOMS = ((codecs.BOM_UTF32_LE, 'utf-32'), (codecs.BOM_UTF32_BE, 'utf-32'), (codecs.BOM_UTF8, 'utf-8-sig'),
@@ -47,71 +47,7 @@ def _lines(path) -> list[tuple[int, str]]:
     "The non-blank lines of text file `path` as `(line number, stripped text)`."
     return [(i, l.strip()) for i, l in enumerate(_text(path).splitlines(), 1) if l.strip()]
 
-# %% ../nbs/01_data.ipynb 10
-@dataclass
-class ItemFailure:
-    "One item of a batch that failed: its position, what it is, and the error it raised."
-    index: int  # position of the item in the batch
-    item: str  # the item as its user knows it: a path, 'video/00017.jpg', 'frame 17 of clip.mp4'
-    error: Exception  # what was raised; its message says what is wrong
-    def __str__(self): return f"{self.item}: {type(self.error).__name__}: {self.error}"
-
 # %% ../nbs/01_data.ipynb 11
-class BatchResult(list):
-    "What the items of a batch that succeeded gave, in order; `indices`: their positions in the batch; `failures`: an `ItemFailure` per item that failed."
-    def __init__(self, results=(), # what the good items gave
-                 failures=(), # one `ItemFailure` per bad item
-                 indices=None, # positions of `results` in the batch; default 0, 1, 2, ...
-                 what:str='items', # what the items are, for `summary`: 'images', 'frames of clip.mp4'
-                ):
-        super().__init__(results)
-        self.failures, self.what = list(failures), what
-        self.indices = list(range(len(self))) if indices is None else list(indices)
-
-    @property
-    def ok(self) -> bool: return not self.failures
-    @property
-    def total(self) -> int: return len(self) + len(self.failures)
-
-# %% ../nbs/01_data.ipynb 12
-class BatchFailed(Exception):
-    "Some items of a batch failed; `.result` holds the `BatchResult`."
-    def __init__(self, result): super().__init__(result.summary()); self.result = result
-
-@patch
-def summary(self:BatchResult, n:int=3, # failures to list
-           ) -> str:
-    "How many items failed, and the first `n` failures."
-    if self.ok: return f"all {self.total} {self.what} succeeded"
-    more = [f"  ... and {len(self.failures) - n} more"] if len(self.failures) > n else []
-    return '\n'.join([f"{len(self.failures)} of {self.total} {self.what} failed:", *(f"  {f}" for f in self.failures[:n]), *more])
-
-@patch
-def raise_failures(self:BatchResult) -> BatchResult:
-    "`self` if every item succeeded, else raise `BatchFailed` with the summary."
-    if self.failures: raise BatchFailed(self)
-    return self
-
-# %% ../nbs/01_data.ipynb 13
-def map_items(fn, # called on each item; what it returns is collected
-              items:Iterable, # the batch
-              strict:bool=False, # raise the first error instead of recording it and going on
-              name=str, # item -> how a failure names it
-              what:str='items', # what the items are, for the summary
-              warn:bool=True, # warn with the summary when some items failed
-             ) -> BatchResult:
-    "`fn(item)` for every item: a failing item is recorded with its error and the rest go on; `strict=True` raises the first error."
-    results, indices, failures = [], [], []
-    for i, item in enumerate(items):
-        try: results.append(fn(item)); indices.append(i)
-        except Exception as e:  # not BaseException: Ctrl-C still stops the batch
-            if strict: e.add_note(f"(item {i} of the batch: {name(item)})"); raise
-            failures.append(ItemFailure(i, name(item), e))
-    out = BatchResult(results, failures, indices, what)
-    if failures and warn: warnings.warn(out.summary(), stacklevel=2)
-    return out
-
-# %% ../nbs/01_data.ipynb 17
 RAFDB_SUBSETS = {'basic': RAFDB_BASIC, 'compound': RAFDB_COMPOUND}
 RAFDB_LABEL_FILE = 'EmoLabel/list_patition_label.txt'  # the official spelling
 
@@ -129,7 +65,7 @@ def rafdb_subset_dir(root, # folder holding `basic/` and `compound/`, or one sub
             return d
     raise FileNotFoundError(f"no RAF-DB {subset} label file; tried {' and '.join(str(d/RAFDB_LABEL_FILE) for d in tried)}")
 
-# %% ../nbs/01_data.ipynb 19
+# %% ../nbs/01_data.ipynb 13
 def read_rafdb_labels(path, # a `list_patition_label.txt`
                       labels:LabelSet=RAFDB_BASIC, # RAFDB_BASIC or RAFDB_COMPOUND
                      ) -> pd.DataFrame:
@@ -149,7 +85,7 @@ def read_rafdb_labels(path, # a `list_patition_label.txt`
         rows.append((name, split, label, label_id, i))
     return pd.DataFrame(rows, columns=['name', 'split', 'label', 'label_id', 'line'])
 
-# %% ../nbs/01_data.ipynb 25
+# %% ../nbs/01_data.ipynb 19
 RAFDB_ATTRIBUTES = {'gender': ('male', 'female', 'unsure'), 'race': ('Caucasian', 'African-American', 'Asian'),
                     'age': ('0-3', '4-19', '20-39', '40-69', '70+')}
 
@@ -169,7 +105,7 @@ def read_rafdb_manual(path) -> dict:
         out[field] = names[int(line)]
     return out
 
-# %% ../nbs/01_data.ipynb 28
+# %% ../nbs/01_data.ipynb 22
 def _rafdb_image_name(name:str, aligned:bool) -> str: return f'{os.path.splitext(name)[0]}_aligned.jpg' if aligned else name
 
 def _listing(folder:Path) -> set[str]: return set(os.listdir(folder)) if folder.is_dir() else set()
@@ -183,7 +119,7 @@ def _add_manual(df:pd.DataFrame, manual_dir:Path) -> pd.DataFrame:
     for col in ['landmarks', *RAFDB_ATTRIBUTES]: df[col] = [a.get(col) for a in anns]
     return df
 
-# %% ../nbs/01_data.ipynb 29
+# %% ../nbs/01_data.ipynb 23
 def load_rafdb(root, # folder holding `basic/` and `compound/`, or one subset folder
                subset:str='basic', # 'basic' (7 classes) or 'compound' (11 classes)
                split:str|None=None, # 'train', 'test', or None for both
@@ -215,7 +151,7 @@ def load_rafdb(root, # folder holding `basic/` and `compound/`, or one subset fo
     df.attrs.update(label_file=str(label_file), skipped=skipped)
     return df
 
-# %% ../nbs/01_data.ipynb 39
+# %% ../nbs/01_data.ipynb 33
 def _frame_labels(path, # a header line of class names, then one class index (or -1) per frame
                   n_classes, # header text -> how many classes it names, or None if it is not a header this format allows
                   expected:str, # what the header should be, for errors
@@ -231,7 +167,7 @@ def _frame_labels(path, # a header line of class names, then one class index (or
         ids.append(int(line))
     return np.array(ids, dtype=int)
 
-# %% ../nbs/01_data.ipynb 40
+# %% ../nbs/01_data.ipynb 34
 ABAW_CLASS_NAMES = tuple(l.replace(' ', '_') for l in ABAW_COMPOUND)  # the spelling of ABAW's files
 VIDEO_EXTENSIONS = ('.mp4', '.avi')
 
@@ -243,7 +179,7 @@ def read_cexpr_annotation(path) -> np.ndarray:
     "Per-frame ABAW class indices (0-6; -1 = no label) of a C-EXPR annotation file, its header checked."
     return _frame_labels(path, _abaw_header, f"the 7 ABAW classes in order: {','.join(ABAW_CLASS_NAMES)}")
 
-# %% ../nbs/01_data.ipynb 44
+# %% ../nbs/01_data.ipynb 38
 def _open_video(path) -> cv2.VideoCapture:
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no video file {path}")
@@ -259,7 +195,7 @@ class _Video:
         self.path, self.cap = Path(path), _open_video(path)
         self.listed, self.decoded = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0
 
-# %% ../nbs/01_data.ipynb 45
+# %% ../nbs/01_data.ipynb 39
 @patch
 def frames(self:_Video, every:int=1, rgb:bool=True) -> Iterator[tuple[int, np.ndarray|None]]:
     "`(frame number, frame)` for frames 1, 1+every, ... to the end; the frame is None where it does not decode."
@@ -285,7 +221,7 @@ def shortfall(self:_Video) -> str|None:
     if self.decoded == 0: return f"cannot read video {self.path}: no frame could be decoded"
     if self.listed > self.decoded: return f"{self.path}: only {self.decoded} of the {self.listed} frames its container lists decode (the video is truncated or damaged)"
 
-# %% ../nbs/01_data.ipynb 46
+# %% ../nbs/01_data.ipynb 40
 def _checked_frames(video:_Video, every:int) -> Iterator[tuple[int, np.ndarray]]:
     for n, frame in video.frames(every):
         if frame is None: raise ValueError(f"cannot decode frame {n} of video {video.path}")
@@ -299,7 +235,7 @@ def read_video_frames(path, # a video file OpenCV can read (.mp4, .avi, ...)
     if every < 1: raise ValueError(f"every must be >= 1, not {every}")
     return _checked_frames(_Video(path), every)
 
-# %% ../nbs/01_data.ipynb 47
+# %% ../nbs/01_data.ipynb 41
 def video_frame_count(path, # a video file
                       exact:bool=False, # decode every frame to count them, instead of trusting the container
                      ) -> int:
@@ -317,7 +253,7 @@ def check_video(path, # a video file
     if why := video.shortfall(): raise ValueError(why)
     return video.decoded
 
-# %% ../nbs/01_data.ipynb 51
+# %% ../nbs/01_data.ipynb 45
 def _write_frames(video:_Video, folder:Path, every:int, quality:int, strict:bool) -> tuple[list[int], list[ItemFailure]]:
     "Write `video`'s frames 1, 1+every, ... into `folder` as JPEGs: the frame numbers written, and the frames lost."
     written, failures = [], []
@@ -334,7 +270,7 @@ def _write_frames(video:_Video, folder:Path, every:int, quality:int, strict:bool
         failures += [ItemFailure((n - 1) // every, f"frame {n} of {video.path}", lost) for n in range(video.decoded + 1, video.listed + 1) if (n - 1) % every == 0]
     return written, failures
 
-# %% ../nbs/01_data.ipynb 52
+# %% ../nbs/01_data.ipynb 46
 def extract_frames(video_path, # the video to split into frames
                    out_dir, # the frame folder to create, e.g. `<root>/cropped_aligned/<video>`
                    every:int=1, # keep frames 1, 1+every, ...
@@ -364,7 +300,7 @@ def extract_frames(video_path, # the video to split into frames
     if failures: warnings.warn(result.summary(), stacklevel=2)
     return result
 
-# %% ../nbs/01_data.ipynb 57
+# %% ../nbs/01_data.ipynb 51
 def _frame_folder(folder:Path) -> dict[int, str]:
     "`{frame number: path}` of an ABAW frame folder, every file checked."
     frames = {}
@@ -395,7 +331,7 @@ def _annotation_dir(root:Path, annotations) -> Path|None:
     if not Path(annotations).is_dir(): raise FileNotFoundError(f"no annotation folder {annotations}")
     return Path(annotations)
 
-# %% ../nbs/01_data.ipynb 58
+# %% ../nbs/01_data.ipynb 52
 def _cexpr_sources(root:Path, source:str) -> dict[str, Path]:
     "`{video: frame folder or video file}` of a C-EXPR root."
     folder = root/('cropped_aligned' if source == 'frames' else 'videos')
@@ -410,7 +346,7 @@ def _cexpr_sources(root:Path, source:str) -> dict[str, Path]:
     if not videos: raise ValueError(f"no videos in {folder}")
     return videos
 
-# %% ../nbs/01_data.ipynb 59
+# %% ../nbs/01_data.ipynb 53
 def _cexpr_video_rows(video:str, where:Path, ann_file:Path|None, source:str, check_videos:bool) -> tuple[list[tuple], list[int]]:
     "Rows `(video, frame, path, ABAW index or -1)` of one video, its annotation checked against it, and the frame numbers its folder skips."
     if source == 'frames': frames = _frame_folder(where)
@@ -429,7 +365,7 @@ def _cexpr_rows(videos:dict, ann_files:dict, source:str, check_videos:bool, stri
     names = [list(videos)[i] for i in done.indices]
     return [r for rows, _ in done for r in rows], {v: g for v, (_, g) in zip(names, done) if g}, done.failures
 
-# %% ../nbs/01_data.ipynb 60
+# %% ../nbs/01_data.ipynb 54
 def load_cexpr(root, # C-EXPR folder holding `cropped_aligned/` and/or `videos/`, and optionally `annotations/`
                source:str='auto', # 'frames' (cropped_aligned), 'videos', or 'auto': frames if there, else videos
                annotations='auto', # annotation folder; 'auto': `<root>/annotations` if there; None: no labels
@@ -455,7 +391,7 @@ def load_cexpr(root, # C-EXPR folder holding `cropped_aligned/` and/or `videos/`
     df.attrs.update(source=source, gaps=gaps, failures=failures)
     return df
 
-# %% ../nbs/01_data.ipynb 68
+# %% ../nbs/01_data.ipynb 62
 ABAW_SUBMISSION_HEADER = 'image_location,' + ','.join(ABAW_CLASS_NAMES)
 
 def abaw_class_index(value, # a class index 0-6 (int, integer-valued float or string of digits) or a label name
@@ -465,7 +401,7 @@ def abaw_class_index(value, # a class index 0-6 (int, integer-valued float or st
     if isinstance(value, float) and not value.is_integer(): raise ValueError(f"{value!r} is not an ABAW class index or label")  # parse refuses it too; this says so in ABAW's terms
     return ABAW_COMPOUND.id_of(ABAW_COMPOUND.parse(value))
 
-# %% ../nbs/01_data.ipynb 70
+# %% ../nbs/01_data.ipynb 64
 def _bad_item(i, r): raise ValueError(f"item {i}: expected (image_location, prediction), got {r!r}")
 
 def write_abaw_submission(rows, # DataFrame with `video`, `frame` and a prediction column, or iterable of (image_location, prediction)
@@ -489,7 +425,7 @@ def write_abaw_submission(rows, # DataFrame with `video`, `frame` and a predicti
     write_atomic(path, '\n'.join(lines) + '\n')
     return Path(path)
 
-# %% ../nbs/01_data.ipynb 72
+# %% ../nbs/01_data.ipynb 66
 def read_abaw_submission(path) -> pd.DataFrame:
     "An ABAW compound-expression submission file as `image_location`, `video`, `frame`, `label`, `label_id`, every line checked."
     lines = _lines(path)
@@ -505,7 +441,7 @@ def read_abaw_submission(path) -> pd.DataFrame:
     if not rows: raise ValueError(f"{path} has a header but no predictions")
     return pd.DataFrame(rows, columns=['image_location', 'video', 'frame', 'label', 'label_id'])
 
-# %% ../nbs/01_data.ipynb 78
+# %% ../nbs/01_data.ipynb 72
 def _basic_mapping(mapping:dict, # dataset class -> RAF-DB basic label (any spelling) or None to drop
                    classes:tuple, # the dataset's classes
                    dataset:str, # its name, for errors
@@ -516,7 +452,7 @@ def _basic_mapping(mapping:dict, # dataset class -> RAF-DB basic label (any spel
     try: return {c: None if mapping[c] is None else canonical_label(mapping[c], RAFDB_BASIC) for c in classes}
     except ValueError as e: raise ValueError(f"the {dataset} mapping: {e}") from None
 
-# %% ../nbs/01_data.ipynb 80
+# %% ../nbs/01_data.ipynb 74
 AFFECTNET_CLASSES = ('Neutral', 'Happy', 'Sad', 'Surprise', 'Fear', 'Disgust', 'Anger', 'Contempt', 'None', 'Uncertain', 'Non-Face')  # ids 0-10
 AFFECTNET_TO_RAFDB = {'Neutral': 'Neutral', 'Happy': 'Happiness', 'Sad': 'Sadness', 'Surprise': 'Surprise', 'Fear': 'Fear',
                       'Disgust': 'Disgust', 'Anger': 'Anger', 'Contempt': None, 'None': None, 'Uncertain': None, 'Non-Face': None}
@@ -532,7 +468,7 @@ def _affectnet_landmarks(text:str, where:str) -> np.ndarray|None:
         raise ValueError(f"{where}: facial_landmarks must be 68 points, 136 numbers separated by ';'; got {text[:40]!r}{'...' if len(text) > 40 else ''}")
     return landmarks_from_68(pts.reshape(68, 2))
 
-# %% ../nbs/01_data.ipynb 81
+# %% ../nbs/01_data.ipynb 75
 def _affectnet_row(fields:list[str], where:str) -> tuple:
     "`(name, box, landmarks, expression, valence, arousal)` of one AffectNet CSV row, every field checked."
     if len(fields) != len(AFFECTNET_COLUMNS): raise ValueError(f"{where}: expected {len(AFFECTNET_COLUMNS)} comma-separated fields ({','.join(AFFECTNET_COLUMNS)}), got {len(fields)}")
@@ -546,7 +482,7 @@ def _affectnet_row(fields:list[str], where:str) -> tuple:
     except ValueError: raise ValueError(f"{where}: valence {val!r} and arousal {aro!r} must be numbers") from None
     return name, (x, y, x + w, y + h), _affectnet_landmarks(lms, where), int(expr), *va
 
-# %% ../nbs/01_data.ipynb 82
+# %% ../nbs/01_data.ipynb 76
 def read_affectnet_csv(path, # an AffectNet `training.csv` or `validation.csv`, with or without its header line
                       ) -> pd.DataFrame:
     "Rows of an AffectNet CSV: `name`, `box` (x0, y0, x1, y1), `landmarks` (five points, or None), `expression` (0-10), `valence`, `arousal`, `line`."
@@ -565,7 +501,7 @@ def read_affectnet_csv(path, # an AffectNet `training.csv` or `validation.csv`, 
     if not rows: raise ValueError(f"{path} has a header but no rows")
     return pd.DataFrame(rows, columns=['name', 'box', 'landmarks', 'expression', 'valence', 'arousal', 'line'])
 
-# %% ../nbs/01_data.ipynb 87
+# %% ../nbs/01_data.ipynb 81
 def _image_present(folder:Path, names:pd.Series) -> np.ndarray:
     "Whether each of `names` (paths relative to `folder`, e.g. `689/a.jpg`) is a file there, with one directory listing per subfolder."
     listed = {d: _listing(folder/d) for d in set(os.path.dirname(n) for n in names)}
@@ -582,7 +518,7 @@ def _drop_missing(df:pd.DataFrame, folder:Path, skip_missing:bool, files:dict) -
         warnings.warn(f"{msg}; skipped them (their names are in df.attrs['skipped'])")
     return df[~missing], df.name[missing].tolist()
 
-# %% ../nbs/01_data.ipynb 88
+# %% ../nbs/01_data.ipynb 82
 def load_affectnet(root, # AffectNet folder holding `Manually_Annotated_file_lists/` and `Manually_Annotated_Images/`
                    split:str|None=None, # 'train' (training.csv), 'validation' (validation.csv), or None for both
                    mapping:dict=AFFECTNET_TO_RAFDB, # AffectNet class -> RAF-DB basic label, or None to drop its images
@@ -606,7 +542,7 @@ def load_affectnet(root, # AffectNet folder holding `Manually_Annotated_file_lis
     out = out.reset_index(drop=True); out.attrs.update(dropped=dropped, skipped=skipped, label_files={s: str(f) for s, f in files.items()})
     return out
 
-# %% ../nbs/01_data.ipynb 93
+# %% ../nbs/01_data.ipynb 87
 AFFWILD2_EXPR = ('Neutral', 'Anger', 'Disgust', 'Fear', 'Happiness', 'Sadness', 'Surprise', 'Other')  # the order of the EXPR files' header
 AFFWILD2_TO_RAFDB = {**{c: c for c in AFFWILD2_EXPR[:7]}, 'Other': None}
 AFFWILD2_SPLITS = {'Train_Set': 'train', 'Training_Set': 'train', 'Validation_Set': 'validation'}  # the folder names of ABAW 3+ and ABAW 2
@@ -619,7 +555,7 @@ def read_affwild2_expr(path) -> np.ndarray:
     "Per-frame expression indices (`AFFWILD2_EXPR` order, 0-7; -1 = no label) of an Aff-Wild2 EXPR annotation file, its header checked."
     return _frame_labels(path, _affwild2_header, f"the Aff-Wild2 expression classes in order: {','.join(AFFWILD2_EXPR)} (ABAW 2: the first 7)")
 
-# %% ../nbs/01_data.ipynb 95
+# %% ../nbs/01_data.ipynb 89
 def _affwild2_split_dirs(root:Path, annotations) -> dict[str, Path]:
     "`{split: annotation folder}` of the Aff-Wild2 EXPR annotations, found in `root` or one folder down unless given."
     if annotations == 'auto':
@@ -632,7 +568,7 @@ def _affwild2_split_dirs(root:Path, annotations) -> dict[str, Path]:
     if not (splits := {AFFWILD2_SPLITS[s]: d/s for s in AFFWILD2_SPLITS if (d/s).is_dir()}): raise FileNotFoundError(f"no {', '.join(AFFWILD2_SPLITS)} folder in {d}")
     return splits
 
-# %% ../nbs/01_data.ipynb 96
+# %% ../nbs/01_data.ipynb 90
 def _affwild2_video_rows(video:str, ann:Path, folder:Path, split:str, mapping:dict) -> tuple[list[tuple], Counter]:
     "Rows of one Aff-Wild2 video's frames that `mapping` keeps, and counts of the frames dropped and why."
     ids, frames = read_affwild2_expr(ann), _frame_folder(folder)
@@ -644,7 +580,7 @@ def _affwild2_video_rows(video:str, ann:Path, folder:Path, split:str, mapping:di
         rows.append((path, f'{video}/{os.path.basename(path)}', split, label, RAFDB_BASIC.id_of(label), video, n, source, int(ids[n-1])))
     return rows, dropped
 
-# %% ../nbs/01_data.ipynb 97
+# %% ../nbs/01_data.ipynb 91
 def _affwild2_rows(anns:dict, frames:Path, mapping:dict, skip_missing:bool) -> tuple[list[tuple], Counter, list[str]]:
     "Rows of every annotated video (`anns`: {split: [annotation files]}), the frames dropped and the videos skipped for lacking frames."
     rows, dropped, skipped, seen = [], Counter(), [], {}
@@ -660,7 +596,7 @@ def _affwild2_rows(anns:dict, frames:Path, mapping:dict, skip_missing:bool) -> t
     if skipped: warnings.warn(f"{len(skipped)} annotated videos have no frame folder in {frames} (e.g. {skipped[0]}); skipped them (df.attrs['skipped'])")
     return rows, dropped, skipped
 
-# %% ../nbs/01_data.ipynb 98
+# %% ../nbs/01_data.ipynb 92
 def load_affwild2(root, # Aff-Wild2 folder holding `cropped_aligned/` and the EXPR annotations (e.g. `Annotations/EXPR_Classification_Challenge/`)
                   split:str|None=None, # 'train', 'validation', or None for both
                   annotations='auto', # the EXPR folder holding Train_Set/ and Validation_Set/; 'auto': the one in `root` or one folder down
@@ -682,7 +618,7 @@ def load_affwild2(root, # Aff-Wild2 folder holding `cropped_aligned/` and the EX
     df.attrs.update(dropped={k: v for k, v in dropped.items() if v}, skipped=skipped)
     return df
 
-# %% ../nbs/01_data.ipynb 103
+# %% ../nbs/01_data.ipynb 97
 def _source_rows(name:str, df:pd.DataFrame, split:str|None, cap, seed:int) -> pd.DataFrame:
     "The rows of source `name` to use: checked to be RAF-DB basic, of `split`, at most `cap` of them."
     if missing := {'path', 'label', 'split'} - set(df.columns): raise ValueError(f"source {name!r} lacks the column(s) {sorted(missing)}")
@@ -708,14 +644,14 @@ def basic_training_set(sources:dict, # source name -> table with `path`, `split`
     out.attrs['sources'] = {name: dict(rows=int((df.split == split).sum()) if split else len(df), kept=len(parts[name])) for name, df in sources.items()}
     return out
 
-# %% ../nbs/01_data.ipynb 106
+# %% ../nbs/01_data.ipynb 100
 def check_images(paths:Iterable, # image files, or anything else `load_image` reads
                  strict:bool=False, # raise on the first bad image instead of listing it in `failures`
                 ) -> BatchResult:
     "Decode every image as `load_image` does: their (width, height), and `failures` naming each one that cannot be read."
     return map_items(lambda p: load_image(p).size, list(paths), strict=strict, what='images')
 
-# %% ../nbs/01_data.ipynb 109
+# %% ../nbs/01_data.ipynb 103
 def plot_class_balance(df:pd.DataFrame, # rows with `label` and `split`, e.g. from `load_rafdb`
                        labels:LabelSet, # label set giving the order of the bars
                        ax=None, # matplotlib axes to draw on; a new figure if None
@@ -731,7 +667,7 @@ def plot_class_balance(df:pd.DataFrame, # rows with `label` and `split`, e.g. fr
     ax.set(xlabel=None, ylabel='images', title=title)
     return ax
 
-# %% ../nbs/01_data.ipynb 110
+# %% ../nbs/01_data.ipynb 104
 def show_faces(df:pd.DataFrame, # rows with `path` (an image file) and `label`
                labels:Iterable[str]|None=None, # classes to show, one per column; default: those in `df`
                n:int=4, # faces per class (rows)

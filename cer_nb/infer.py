@@ -4,24 +4,26 @@
 
 # %% ../nbs/06_infer.ipynb 3
 from __future__ import annotations
-import inspect, json, weakref
+import inspect, json, numbers, re, warnings, weakref
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open, SafetensorError
 from transformers import BatchFeature
-from .core import LabelSet, LABEL_SETS, find_label
+from .core import LabelSet, LABEL_SETS, find_label, map_items, BatchResult, ItemFailure, check_model_ref
 from .align import load_image, align_face
-from .prompts import prompt_text, DEFAULT_VARIANT
+from .prompts import prompt_text, DEFAULT_VARIANT, PROMPT_VARIANTS
 from .lvlm import family_of, uses_mrope
 from .model import load_lvlm, AnswerCollator, merge_adapters, render, encode, per_token_keys, image_keys
+from .runs import read_run, base_fingerprint, RUN_INFO, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # %% auto 0
-__all__ = ['STRATEGIES', 'LENGTHS', 'prompt_batch', 'answer_ids', 'scoring_mask', 'prompt_positions', 'scoring_strategy',
-           'label_logprobs', 'generate_answers', 'read_run', 'clear_checkpoints', 'load_checkpoint', 'Prediction',
-           'predict']
+__all__ = ['STRATEGIES', 'LENGTHS', 'METHODS', 'prompt_batch', 'answer_ids', 'scoring_mask', 'prompt_positions',
+           'scoring_strategy', 'label_logprobs', 'generate_answers', 'checkpoint_info', 'resolve_device',
+           'clear_checkpoints', 'load_checkpoint', 'Prediction', 'Predictions', 'predict']
 
 # %% ../nbs/06_infer.ipynb 9
 def prompt_batch(model, # the LVLM (its device receives the batch)
@@ -213,17 +215,83 @@ def generate_answers(model, # the LVLM, in eval mode
     return [s.strip() for s in tok.batch_decode(out[:, b['input_ids'].shape[1]:], skip_special_tokens=True)]
 
 # %% ../nbs/06_infer.ipynb 44
-def read_run(checkpoint) -> dict:
-    "What a checkpoint is: a run's `cer_nb.json` (with `path`), or the defaults for a plain base model."
-    p = Path(checkpoint).expanduser()
-    if (p/'cer_nb.json').is_file(): return {**json.loads((p/'cer_nb.json').read_text()), 'path': str(p.resolve())}
-    if (p/'adapter_config.json').is_file(): raise FileNotFoundError(f"{p} holds an adapter but no cer_nb.json: is it a cer_nb run directory?")
-    if not p.exists() and (isinstance(checkpoint, Path) or p.is_absolute() or str(checkpoint).startswith(('.', '~')) or str(checkpoint).count('/') != 1):
-        raise FileNotFoundError(f"no checkpoint at {checkpoint} (neither a folder nor a Hub id like 'Qwen/Qwen2-VL-2B-Instruct')")
-    return {'stage': 'base', 'base_model': str(p.resolve()) if p.exists() else str(checkpoint), 'merge_before': [],
-            'labels': None, 'variant': DEFAULT_VARIANT, 'image_size': None, 'max_pixels': None, 'path': None}
+def _check_adapter(folder) -> None:
+    "Refuse an adapter folder whose config or weights are missing, truncated or corrupt, naming the file, before any model loads."
+    cfg, weights = Path(folder)/ADAPTER_CONFIG, Path(folder)/ADAPTER_WEIGHTS
+    try: json.loads(cfg.read_text(encoding='utf-8'))
+    except FileNotFoundError: raise FileNotFoundError(f"{cfg} is missing: {folder} holds no whole adapter") from None
+    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{cfg} is truncated or corrupt ({e})") from None
+    if not weights.is_file():
+        if (Path(folder)/'adapter_model.bin').is_file(): return  # peft's older format: torch checks it as it loads
+        raise FileNotFoundError(f"{weights} is missing: {folder} holds no adapter weights")
+    try:
+        with safe_open(str(weights), 'pt'): pass  # reads the header and checks the file holds every tensor it lists
+    except (SafetensorError, OSError) as e: raise ValueError(f"{weights} is truncated or corrupt ({e}): copy the adapter again, or train it again") from None
+
+# %% ../nbs/06_infer.ipynb 45
+def _adapter_info(folder:Path) -> dict:
+    "A plain peft adapter folder described as a run is: the base model its `adapter_config.json` names, nothing else known."
+    cfg = json.loads((folder/ADAPTER_CONFIG).read_text(encoding='utf-8'))
+    if not isinstance(cfg, dict): raise ValueError(f"{folder/ADAPTER_CONFIG} is not an adapter config (a JSON object)")
+    return {'stage': 'adapter', 'base_model': cfg.get('base_model_name_or_path'), 'merge_before': [], 'labels': None,
+            'variant': None, 'image_size': None, 'max_pixels': None, 'path': str(folder.resolve())}
+
+def _same_base(info:dict, base_model:str):
+    "Refuse `base_model` in place of the base a run recorded unless its files are the same ones (the model moved, it did not change)."
+    old = (info.get('base') or {}).get('files')
+    new = base_fingerprint(base_model).get('files') if old else None
+    if old and new and old != new:
+        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise ValueError(f"base_model={base_model} is not the model {info['path']} was trained on ({', '.join(differ)} differ): pass the folder of that model")
 
 # %% ../nbs/06_infer.ipynb 46
+def checkpoint_info(checkpoint, # a cer_nb run directory, a peft adapter folder, a base model folder or a Hub id
+                    base_model:str|None=None, # the base model to use instead of the one the run or adapter names (e.g. it moved)
+                   ) -> dict:
+    "What `checkpoint` is, as `cer_nb.runs.read_run` describes a run (a peft adapter folder too), every file loading needs checked first."
+    p = Path(checkpoint).expanduser()
+    adapter = (p/ADAPTER_CONFIG).is_file() and not (p/RUN_INFO).is_file()
+    if adapter: _check_adapter(p)
+    info = _adapter_info(p) if adapter else read_run(checkpoint)
+    for folder in [*(info.get('merge_before') or []), *([info['path']] if info['path'] else [])]: _check_adapter(folder)
+    if base_model is not None and info['path'] is None: raise ValueError(f"base_model= replaces the base of a run or adapter, but {checkpoint} is a base model itself")
+    if not (base_model or info['base_model']): raise ValueError(f"{p/ADAPTER_CONFIG} names no base model (base_model_name_or_path): pass base_model=")
+    hint = f"; it is the base model of {info['path']}: if it moved, pass base_model= (cer_nb predict --base) where it is now" if info['path'] and not base_model else ''
+    info = {**info, 'base_model': check_model_ref(base_model or info['base_model'], 'base model' if info['path'] else 'checkpoint', hint)}
+    if base_model: _same_base(info, info['base_model'])
+    return info
+
+# %% ../nbs/06_infer.ipynb 48
+def resolve_device(device:str|None=None, # e.g. 'cpu', 'cuda', 'cuda:1', 'mps'; None: the GPU if there is one
+                  ) -> str:
+    "The device to run on: `device`, checked against what torch sees here, or the GPU if there is one, else the CPU."
+    if device is None: return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"device={device!r} is not a device: expected e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if d.type == 'cuda' and not torch.cuda.is_available():
+        why = 'this torch is a CPU-only build' if torch.version.cuda is None else 'no GPU or no driver'
+        raise ValueError(f"device={device!r}, but torch finds no CUDA GPU here ({why}): use device='cpu', or leave it unset to use a GPU where there is one")
+    if d.type == 'cuda' and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}, but there {'is' if torch.cuda.device_count() == 1 else 'are'} only {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if d.type == 'mps' and not torch.backends.mps.is_available(): raise ValueError(f"device={device!r}, but MPS (Apple's GPU) is not available here: use device='cpu'")
+    if d.type not in ('cpu', 'cuda', 'mps'): raise ValueError(f"device={device!r}: cer_nb runs on 'cpu', 'cuda' or 'mps'")
+    return str(device)
+
+# %% ../nbs/06_infer.ipynb 51
+def _with_adapters(model, info:dict, merge:bool):
+    "The base `model` with the checkpoint's adapters: earlier stages' merged, its own merged or kept in peft's wrapper."
+    from peft import PeftModel
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='Found missing adapter keys')  # peft's only sign that weights found no layer
+        try:
+            model = merge_adapters(model, [*(info.get('merge_before') or []), *([info['path']] if merge else [])])
+            return model if merge else PeftModel.from_pretrained(model, info['path'])
+        except UserWarning as w:
+            missing = re.findall(r"'([^']+)'", str(w))
+            raise ValueError(f"the adapter {info['path']} (or one merged before it) does not fit base model {info['base_model']}: {len(missing)} LoRA weights "
+                             f"have no match in its file (e.g. {missing[0] if missing else '?'}); was it made for another model, or with other layer names?") from None
+
+# %% ../nbs/06_infer.ipynb 52
 _LOADED: dict = {}
 
 def clear_checkpoints():
@@ -231,73 +299,116 @@ def clear_checkpoints():
     _LOADED.clear()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
 
-def load_checkpoint(checkpoint, # a run directory, a base model folder, or a Hub id
+def load_checkpoint(checkpoint, # a run directory, a peft adapter folder, a base model folder, or a Hub id
                     device:str|None=None, # e.g. 'cuda', 'cpu'; None: the GPU if there is one
                     dtype='auto', # see `cer_nb.model.load_lvlm`
-                    merge:bool=True, # fold the run's adapter into the weights (faster); False keeps the peft wrapper
+                    merge:bool=True, # fold the adapter into the weights (faster); False keeps the peft wrapper
+                    base_model:str|None=None, # the base model to use instead of the one the checkpoint names (e.g. it moved)
                    ):
-    "`(model, processor, info)` of `checkpoint`, loaded once and cached; `info` is `read_run`'s description."
-    info, device = read_run(checkpoint), device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    key = (info['path'] or info['base_model'], device, str(dtype), merge)
+    "`(model, processor, info)` of `checkpoint`, loaded once and cached; `info` is `checkpoint_info`'s description."
+    info, device = checkpoint_info(checkpoint, base_model), resolve_device(device)
+    key = (info['path'], info['base_model'], device, str(dtype), merge)
     if key not in _LOADED:
         model, processor = load_lvlm(info['base_model'], dtype=dtype, device_map=device, max_pixels=info['max_pixels'])
-        if info['path']:
-            model = merge_adapters(model, [*(info.get('merge_before') or []), *([info['path']] if merge else [])])
-            if not merge:
-                from peft import PeftModel
-                model = PeftModel.from_pretrained(model, info['path'])
-        _LOADED[key] = (model.eval(), processor, info)
+        _LOADED[key] = ((_with_adapters(model, info, merge) if info['path'] else model).eval(), processor, info)
     return _LOADED[key]
 
-# %% ../nbs/06_infer.ipynb 56
+# %% ../nbs/06_infer.ipynb 70
 @dataclass
 class Prediction:
     "The model's answer about one face."
-    label: str|None  # predicted canonical label; None when a generated answer names no label, or several
+    label: str|None  # predicted canonical label; None when a generated answer names no label, or several, or the image failed
     probs: dict[str, float]|None = None  # probability of each label (method 'score'), else None
     answer: str|None = None  # the generated text (method 'generate'), else None
+    error: str|None = None  # why the image could not be read or aligned (the fields above are then None), else None
 
-# %% ../nbs/06_infer.ipynb 58
+# %% ../nbs/06_infer.ipynb 72
+class Predictions(list):
+    "`predict`'s answer: one `Prediction` per image, in the order given; `failures`: an `ItemFailure` per image that could not be read."
+    def __init__(self, preds=(), # a `Prediction` per image
+                 failures=(), # an `ItemFailure` per image that failed
+                ):
+        super().__init__(preds); self.failures = list(failures)
+
+    @property
+    def ok(self) -> bool: return not self.failures
+    def summary(self, n:int=3) -> str:
+        "How many images failed, and the first `n` failures."
+        return BatchResult([p for p in self if p.error is None], self.failures, what='images').summary(n)
+
+# %% ../nbs/06_infer.ipynb 74
+METHODS = ('score', 'generate')
+
 def _image_list(images) -> list:
     "`images` as a list: one image (path, PIL image, HxW(xC) array) becomes a list of one."
     if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)): return [images]
     return list(images)
 
-def _checked(image, align:bool):
-    "The aligned crop of `image`, or `image` itself once it has been read; errors name the file."
-    return align_face(image) if align else (load_image(image), image)[1]
+def _image_name(image, i:int) -> str:
+    "How a failure names image `i` of the call: its path, or its position for an image in memory."
+    return str(image) if isinstance(image, (str, Path)) else f"image {i} ({type(image).__name__})"
 
-def _label_set(labels, info:dict) -> LabelSet:
+def _read_faces(images:list, start:int, align:bool, strict:bool) -> BatchResult:
+    "The faces of one batch, each decoded once (and aligned); positions and failures counted over the whole call."
+    got = map_items(lambda x: align_face(x[1]) if align else load_image(x[1]), list(enumerate(images, start)), strict=strict,
+                    name=lambda x: _image_name(x[1], x[0]), what='images', warn=False)
+    return BatchResult(got, [ItemFailure(start + f.index, f.item, f.error) for f in got.failures], [start + i for i in got.indices], 'images')
+
+# %% ../nbs/06_infer.ipynb 75
+def _check_settings(batch_size, method, length, variant):
+    "Refuse `predict` settings outside their allowed values, naming the setting and what it allows."
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected an integer ≥ 1 (faces per forward pass)")
+    if method not in METHODS: raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    if length not in LENGTHS: raise ValueError(f"length={length!r}: expected one of {LENGTHS}")
+    if variant is not None and variant not in PROMPT_VARIANTS: raise ValueError(f"variant={variant!r}: expected one of {list(PROMPT_VARIANTS)} or None (the run's)")
+
+def _label_set(labels, info:dict, checkpoint) -> LabelSet:
     "The label set to choose among: `labels` (a LabelSet or a key of `LABEL_SETS`), else the run's."
     labels = labels if labels is not None else info['labels']
-    if labels is None: raise ValueError(f"{info['base_model']} is a base model, not a cer_nb run: pass labels= (one of {list(LABEL_SETS)} or a LabelSet)")
+    if labels is None: raise ValueError(f"{checkpoint} is {'a peft adapter' if info['stage'] == 'adapter' else 'a base model'}, not a cer_nb run: "
+                                        f"pass labels= (one of {list(LABEL_SETS)} or a LabelSet)")
     if isinstance(labels, LabelSet): return labels
-    if labels not in LABEL_SETS: raise ValueError(f"unknown label set {labels!r}; expected one of {list(LABEL_SETS)} or a LabelSet")
-    return LABEL_SETS[labels]
+    if isinstance(labels, str) and labels in LABEL_SETS: return LABEL_SETS[labels]
+    raise ValueError(f"unknown label set labels={labels!r}; expected one of {list(LABEL_SETS)} or a LabelSet")
 
-# %% ../nbs/06_infer.ipynb 59
+# %% ../nbs/06_infer.ipynb 76
+def _answers(model, processor, info:dict, faces:list, labels:LabelSet, method:str, variant:str|None, length:str) -> list[Prediction]:
+    "A `Prediction` for each decoded face of one batch."
+    kw = dict(variant=variant or info['variant'] or DEFAULT_VARIANT, image_size=info['image_size'])
+    if method == 'generate': return [Prediction(find_label(a, labels), answer=a) for a in generate_answers(model, processor, faces, labels, **kw)]
+    probs = label_logprobs(model, processor, faces, labels, length=length, **kw).softmax(-1).tolist()
+    return [Prediction(labels[int(np.argmax(row))], dict(zip(labels, row))) for row in probs]
+
+def _predictions(preds:list, failures:list) -> Predictions:
+    "The call's `Predictions`: a failed image's with its error; a warning with the summary if any failed."
+    for f in failures: preds[f.index] = Prediction(None, error=f"{type(f.error).__name__}: {f.error}")
+    out = Predictions(preds, failures)
+    if failures: warnings.warn(out.summary(), stacklevel=3)
+    return out
+
+# %% ../nbs/06_infer.ipynb 77
 def predict(images, # one face or a list: paths, PIL images (any mode), numpy arrays
-            checkpoint, # a run directory, a base model folder or a Hub id
-            labels:LabelSet|str|None=None, # the classes to choose among; None: the run's (required for a base model)
+            checkpoint, # a run directory, a peft adapter folder, a base model folder or a Hub id
+            labels:LabelSet|str|None=None, # the classes to choose among; None: the run's (required for an adapter or a base model)
             align:bool=False, # align each face to the RAF-DB template first (`cer_nb.align.align_face`)
-            batch_size:int=8, # faces per forward pass
+            batch_size:int=8, # faces per forward pass (≥ 1)
             method:str='score', # 'score' every label, or 'generate' an answer and parse it (the paper's way)
-            variant:str|None=None, # prompt variant; None: the run's (base model: 'context')
+            variant:str|None=None, # prompt variant; None: the run's (otherwise 'context')
             length:str='sum', # method 'score': how labels of different token lengths compare (see `label_logprobs`)
             device:str|None=None, # e.g. 'cuda', 'cpu'; None: the GPU if there is one
-           ) -> list[Prediction]:
-    "The predicted expression of each face."
-    if method not in ('score', 'generate'): raise ValueError(f"method must be 'score' or 'generate', got {method!r}")
-    info = read_run(checkpoint)
-    labels, faces = _label_set(labels, info), [_checked(im, align) for im in _image_list(images)]
-    if not faces: return []
-    model, processor, info = load_checkpoint(checkpoint, device)
-    kw = dict(variant=variant or info['variant'] or DEFAULT_VARIANT, image_size=info['image_size'])
-    preds = []
-    for i in range(0, len(faces), batch_size):
-        batch = faces[i:i + batch_size]
-        if method == 'score':
-            for row in label_logprobs(model, processor, batch, labels, length=length, **kw).softmax(-1).tolist():
-                preds.append(Prediction(labels[int(np.argmax(row))], dict(zip(labels, row))))
-        else: preds += [Prediction(find_label(a, labels), answer=a) for a in generate_answers(model, processor, batch, labels, **kw)]
-    return preds
+            strict:bool=False, # raise on the first image that cannot be read or aligned, instead of reporting it and going on
+            base_model:str|None=None, # the base model to use instead of the one the checkpoint names (e.g. it moved)
+           ) -> Predictions:
+    "The predicted expression of each face: `Prediction` i is about image i; an image that cannot be read carries its `error`."
+    _check_settings(batch_size, method, length, variant)
+    device, info = resolve_device(device), checkpoint_info(checkpoint, base_model)
+    labels, items, loaded = _label_set(labels, info, checkpoint), _image_list(images), None
+    preds, failures = [None] * len(items), []
+    for start in range(0, len(items), batch_size):
+        faces = _read_faces(items[start:start + batch_size], start, align, strict)
+        failures += faces.failures
+        if not faces: continue
+        loaded = loaded or load_checkpoint(checkpoint, device, base_model=base_model)
+        for i, p in zip(faces.indices, _answers(*loaded, list(faces), labels, method, variant, length)): preds[i] = p
+    return _predictions(preds, failures)
