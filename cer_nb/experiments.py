@@ -162,7 +162,7 @@ def compound_metrics(run, bench:Benchmark, images:str='aligned') -> dict:
     from cer_nb.infer import predict
     test = bench.rafdb('compound', 'test', aligned=images == 'aligned')
     faces = [align_face(p, np.asarray(l)) for p, l in zip(test.path, test.landmarks)] if images == 'realigned' else test.path.tolist()
-    start = time.time(); preds = [p.label for p in predict(faces, run, batch_size=32)]
+    start = time.time(); preds = [p.label for p in predict(faces, run, batch_size=32, strict=True)]
     return _scores(test.label, preds, RAFDB_COMPOUND) | {'seconds': round(time.time() - start, 2)}
 
 # %% ../nbs/09_experiments.ipynb 40
@@ -171,7 +171,7 @@ def cexpr_metrics(run, bench:Benchmark, window:int=9) -> dict:
     from cer_nb.infer import predict
     from cer_nb.evaluate import abaw_f1, top_labels, smooth_probs, prediction_switches
     frames = bench.cexpr()
-    start = time.time(); preds = predict(frames.path.tolist(), run, labels=ABAW_COMPOUND, batch_size=32)
+    start = time.time(); preds = predict(frames.path.tolist(), run, labels=ABAW_COMPOUND, batch_size=32, strict=True)
     probs = np.array([[p.probs[l] for l in ABAW_COMPOUND] for p in preds])
     truth = [None if pd.isna(v) else int(v) for v in frames.label_id]
     out = {'window': window, 'seconds': round(time.time() - start, 2)}
@@ -186,10 +186,10 @@ def decoding_metrics(run, bench:Benchmark) -> dict:
     "Accuracy, unparseable answers and seconds per image on the compound test split, by label scoring (sum, per token) and generate-and-parse."
     from cer_nb.infer import predict
     test = bench.rafdb('compound', 'test'); faces = test.path.tolist()
-    predict(faces[:8], run, batch_size=8); predict(faces[:8], run, batch_size=8, method='generate')  # warm-up
+    predict(faces[:8], run, batch_size=8, strict=True); predict(faces[:8], run, batch_size=8, method='generate', strict=True)  # warm-up
     out = {}
     for name, kw in (('score', {}), ('score_per_token', {'length': 'mean'}), ('generate', {'method': 'generate'})):
-        start = time.time(); p = predict(faces, run, batch_size=32, **kw)
+        start = time.time(); p = predict(faces, run, batch_size=32, strict=True, **kw)
         out[name] = _scores(test.label, [x.label for x in p], RAFDB_COMPOUND) | {'seconds_per_image': (time.time() - start) / len(faces)}
         if name == 'generate': out[name]['answers'] = [x.answer for x in p[:8]]
     return out

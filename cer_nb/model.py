@@ -12,7 +12,7 @@ from PIL import Image
 from fastcore.basics import patch
 from transformers import AutoModelForImageTextToText, BatchFeature
 from peft import LoraConfig
-from .core import LabelSet
+from .core import LabelSet, check_model_ref
 from .prompts import prompt_text, question_turns, DEFAULT_VARIANT
 from .align import load_image
 from .lvlm import family_of, load_processor, lora_targets, LORA_PRESETS
@@ -39,6 +39,7 @@ def load_lvlm(name_or_path:str, # Hub id (e.g. 'Qwen/Qwen2-VL-2B-Instruct') or l
               max_pixels:int|None=None, # image-size cap, see `cer_nb.lvlm.load_processor` (None: the family's)
               **kwargs): # passed to `from_pretrained` (e.g. `revision`, `attn_implementation`)
     "Load a supported image-text-to-text LVLM and its processor."
+    name_or_path = check_model_ref(name_or_path, 'base model')  # a typo fails at once, not after the Hub's retries
     family = family_of(name_or_path)  # an unsupported family fails here, before the weights load
     quant = None
     if load_in_4bit:

@@ -9,7 +9,7 @@ from collections import Counter
 from importlib import metadata
 from contextlib import contextmanager
 from pathlib import Path
-from .core import write_json
+from .core import write_json, is_hub_id
 
 # %% auto 0
 __all__ = ['RUN_INFO', 'LOG_HISTORY', 'TRAIN_ROWS', 'CHECKPOINTS', 'RECIPE', 'RECIPE_KEYS', 'ADAPTER_CONFIG', 'ADAPTER_WEIGHTS',
@@ -38,17 +38,12 @@ def read_run_info(run_dir) -> dict:
         raise ValueError(f"{f} is corrupt ({e}): delete {run_dir} and train it again") from None
 
 # %% ../nbs/03b_runs.ipynb 11
-def _is_hub_id(name) -> bool:
-    "Whether `name`, which names no existing path, is shaped like a Hub id ('org/model') rather than a path."
-    s = str(name)
-    return not isinstance(name, Path) and not Path(s).expanduser().is_absolute() and not s.startswith(('.', '~')) and s.count('/') == 1
-
 def read_run(checkpoint) -> dict:
     "What `checkpoint` is: a run's `RUN_INFO` (with `path`), or a plain base model (folder or Hub id) with no run fields."
     p = Path(checkpoint).expanduser()
     if (p/RUN_INFO).is_file(): return {**read_run_info(p), 'path': str(p.resolve())}
     if (p/ADAPTER_CONFIG).is_file(): raise FileNotFoundError(f"{p} holds an adapter but no {RUN_INFO}: is it a cer_nb run directory?")
-    if not p.exists() and not _is_hub_id(checkpoint):
+    if not p.exists() and not is_hub_id(checkpoint):
         raise FileNotFoundError(f"no checkpoint at {checkpoint} (neither a folder nor a Hub id like 'Qwen/Qwen2-VL-2B-Instruct')")
     return {'stage': 'base', 'base_model': str(p.resolve()) if p.exists() else str(checkpoint), 'merge_before': [],
             'labels': None, 'variant': None, 'image_size': None, 'max_pixels': None, 'path': None}
@@ -125,7 +120,7 @@ def base_fingerprint(base_model:str) -> dict:
     if p.is_dir():
         files = sorted(f for f in p.rglob('*') if f.is_file() and not any(s.startswith('.') for s in f.relative_to(p).parts))
         return {'files': {f.relative_to(p).as_posix(): file_digest(f) for f in files}}
-    if p.exists() or not _is_hub_id(base_model):
+    if p.exists() or not is_hub_id(base_model):
         raise FileNotFoundError(f"no base model at {base_model} (neither a folder nor a Hub id like 'Qwen/Qwen2-VL-2B-Instruct')")
     return {'hub_id': str(base_model), 'revision': _cached_revision(str(base_model))}
 
