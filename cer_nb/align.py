@@ -11,75 +11,13 @@ import numpy as np
 import cv2
 from PIL import Image, ImageOps
 from fastcore.basics import patch
+from .images import load_image
 
 # %% auto 0
-__all__ = ['EYE_BONUS', 'load_image', 'canonical_landmarks', 'similarity_transform', 'transform_points', 'warp_face',
-           'NoFaceFound', 'Face', 'landmarks_from_box', 'landmarks_from_68', 'HaarFaceDetector', 'default_detector',
-           'align_face']
+__all__ = ['EYE_BONUS', 'canonical_landmarks', 'similarity_transform', 'transform_points', 'warp_face', 'NoFaceFound', 'Face',
+           'landmarks_from_box', 'landmarks_from_68', 'HaarFaceDetector', 'default_detector', 'align_face']
 
-# %% ../nbs/00a_align.ipynb 9
-def _full_scale(a:np.ndarray) -> float|None:
-    "The value that means white for non-negative pixel array `a` (the table above), or None if no full scale holds its maximum."
-    hi = a.max()
-    if a.dtype.kind == 'f': return next((s for s in (1.0, 255.0) if hi <= s), None)
-    if a.dtype.kind == 'u' and a.dtype.itemsize == 2: return 65535  # declared 16-bit: a dark picture stays dark
-    top = 2**32 - 1 if a.dtype.kind == 'u' else 2**31 - 1
-    return next((s for s in (255, 65535, top) if hi <= s), None)
-
-def _uint8(a:np.ndarray, what:str) -> np.ndarray:
-    "Pixel array `a` scaled from its full scale to 0-255, or a `ValueError` saying what in `what` is not a picture."
-    if a.dtype == np.uint8: return a
-    if a.dtype == bool: return a.astype(np.uint8) * 255
-    if a.dtype.kind not in 'fiu': raise ValueError(f"{what}: pixels of dtype {a.dtype} are not numbers")
-    if a.dtype.kind == 'f' and not np.isfinite(a).all():
-        raise ValueError(f"{what}: {(~np.isfinite(a)).sum()} of its {a.size} values are NaN or infinite")
-    if (lo := a.min()) < 0: raise ValueError(f"{what}: pixel values must not be negative, found {lo:g}")
-    if (scale := _full_scale(a)) is None:
-        raise ValueError(f"{what}: maximum {a.max():g} is beyond the full scale of {'floats (1 or 255)' if a.dtype.kind == 'f' else 'its integer type'}")
-    return np.round(a.astype(np.float64) * (255 / scale)).astype(np.uint8)
-
-# %% ../nbs/00a_align.ipynb 12
-def _array_to_rgb(a:np.ndarray, # HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA), of any numeric dtype
-                  what:str|None=None, # how errors name the array; default by its shape and dtype
-                 ) -> Image.Image:
-    "RGB image from a pixel array, scaled to 8 bits by the rule above."
-    what = what or f"the image array of shape {a.shape} ({a.dtype})"
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4))):
-        raise ValueError(f"{what}: an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {a.shape}")
-    if 0 in a.shape: raise ValueError(f"{what} is empty")
-    a = _uint8(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a, what)
-    return _pil_to_rgb(Image.fromarray(a), what)
-
-# %% ../nbs/00a_align.ipynb 13
-_WIDE_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')  # more than 8 bits a pixel: PIL's convert would clip them
-
-def _pil_to_rgb(im:Image.Image, # any mode
-                what:str, # how errors name the image
-               ) -> Image.Image:
-    "`im` as 8-bit RGB: wide modes scaled by the rule above, transparent pixels put on white."
-    if 0 in im.size: raise ValueError(f"{what} is empty")
-    if im.mode in _WIDE_MODES: return _array_to_rgb(np.asarray(im), what)
-    if im.mode in ('La', 'RGBa'): im = im.convert(im.mode.upper())  # premultiplied alpha
-    if im.mode == 'RGB': return im
-    if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
-        return Image.alpha_composite(Image.new('RGBA', im.size, 'white'), im.convert('RGBA')).convert('RGB')
-    return im.convert('RGB')
-
-# %% ../nbs/00a_align.ipynb 14
-def load_image(image, # a path (str or Path), a PIL image of any mode, or an HxW / HxWx1 / HxWx3 (RGB) / HxWx4 (RGBA) array
-              ) -> Image.Image:
-    "`image` as an 8-bit RGB PIL image, scaled from its bit depth (see the table above); transparent pixels become white."
-    if isinstance(image, (str, Path)):
-        if not Path(image).is_file(): raise FileNotFoundError(f"no image file at {image}")
-        try:
-            with Image.open(image) as f: im = ImageOps.exif_transpose(f)  # a decoded copy: the file is closed after
-        except Exception as e: raise ValueError(f"cannot read an image from {image}: {e}") from None
-        return _pil_to_rgb(im, str(image))
-    if isinstance(image, Image.Image): return _pil_to_rgb(image, f"the {image.size[0]}x{image.size[1]} {image.mode} image")
-    if isinstance(image, np.ndarray): return _array_to_rgb(image)
-    raise TypeError(f"expected a path, PIL image or numpy array, got {type(image).__name__}")
-
-# %% ../nbs/00a_align.ipynb 22
+# %% ../nbs/00a_align.ipynb 11
 _TEMPLATE_100 = np.array([[34.2, 46.2], [65.6, 46.0], [50.0, 64.1], [37.1, 82.5], [63.2, 82.3]])
 
 def canonical_landmarks(size:int=100, # side of the square aligned crop, in pixels
@@ -87,7 +25,7 @@ def canonical_landmarks(size:int=100, # side of the square aligned crop, in pixe
     "The 5-point template (left eye, right eye, nose tip, left and right mouth corner; 'left' = image left) for a `size`×`size` crop."
     return _TEMPLATE_100 * (size / 100)
 
-# %% ../nbs/00a_align.ipynb 26
+# %% ../nbs/00a_align.ipynb 15
 def similarity_transform(src:np.ndarray, # (n,2) source points, n >= 2
                          dst:np.ndarray, # (n,2) points `src` should land on
                         ) -> np.ndarray:
@@ -103,14 +41,14 @@ def similarity_transform(src:np.ndarray, # (n,2) source points, n >= 2
     scale = (S * np.diag(D)).sum() / (s ** 2).sum(1).mean()
     return np.hstack([scale * R, (md - scale * R @ ms)[:, None]])
 
-# %% ../nbs/00a_align.ipynb 27
+# %% ../nbs/00a_align.ipynb 16
 def transform_points(M:np.ndarray, # 2×3 affine matrix
                      pts:np.ndarray, # (n,2) points (x, y)
                     ) -> np.ndarray:
     "`pts` mapped by `M`."
     return np.asarray(pts, float) @ np.asarray(M)[:, :2].T + np.asarray(M)[:, 2]
 
-# %% ../nbs/00a_align.ipynb 31
+# %% ../nbs/00a_align.ipynb 20
 def _check_landmarks(landmarks) -> np.ndarray:
     lm = np.asarray(landmarks, float)
     if lm.shape != (5, 2): raise ValueError(f"landmarks must be a (5, 2) array (left eye, right eye, nose, left and right mouth corner), got shape {lm.shape}")
@@ -133,7 +71,7 @@ def warp_face(image, # anything `load_image` reads
     out = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return Image.fromarray(out)
 
-# %% ../nbs/00a_align.ipynb 37
+# %% ../nbs/00a_align.ipynb 26
 class NoFaceFound(Exception):
     "No face was found in an image that had to be aligned."
 
@@ -144,7 +82,7 @@ class Face:
     landmarks: np.ndarray | None = None  # (5,2) points in the template's order, or None
     score: float = 0.0  # detector confidence; higher is better
 
-# %% ../nbs/00a_align.ipynb 38
+# %% ../nbs/00a_align.ipynb 27
 # where the five points fall in a face box, as fractions of its side (fitted to the alt2 cascade's boxes)
 _BOX_PRIOR = np.array([[0.31, 0.38], [0.69, 0.38], [0.50, 0.58], [0.34, 0.76], [0.66, 0.76]])
 
@@ -154,7 +92,7 @@ def landmarks_from_box(box, # (x0, y0, x1, y1) of an upright face
     x0, y0, x1, y1 = box
     return np.array([x0, y0]) + _BOX_PRIOR * [x1 - x0, y1 - y0]
 
-# %% ../nbs/00a_align.ipynb 42
+# %% ../nbs/00a_align.ipynb 31
 def landmarks_from_68(points:np.ndarray, # (68,2) points (x, y) in the iBUG 300-W order, as AffectNet and dlib give them
                      ) -> np.ndarray:
     "The template's five points from 68: the eye centres (points 36-41, 42-47), the nose tip (30) and the mouth corners (48, 54)."
@@ -162,7 +100,7 @@ def landmarks_from_68(points:np.ndarray, # (68,2) points (x, y) in the iBUG 300-
     if p.shape != (68, 2): raise ValueError(f"expected (68, 2) landmarks in the iBUG 300-W order, got shape {p.shape}")
     return np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
 
-# %% ../nbs/00a_align.ipynb 45
+# %% ../nbs/00a_align.ipynb 34
 _HAAR_ANGLES = (0, -20, 20, -40, 40, -60, 60, -80, 80, -100, 100, 180)
 EYE_BONUS = 100.0  # added to a face's cascade score when a level pair of eyes is found in it
 
@@ -182,7 +120,7 @@ class HaarFaceDetector:
             raise RuntimeError(f"OpenCV's Haar cascades are missing from {cv2.data.haarcascades}; install opencv-python-headless>=4.8,<5")
         self.max_side, self.angles, self.scale_factor, self.min_neighbors, self.patch = max_side, tuple(angles), scale_factor, min_neighbors, patch
 
-# %% ../nbs/00a_align.ipynb 49
+# %% ../nbs/00a_align.ipynb 38
 def _h(M): return np.vstack([M, [0, 0, 1]])
 
 def _rotated_view(shape, # (h, w, ...) of the original image
@@ -197,7 +135,7 @@ def _rotated_view(shape, # (h, w, ...) of the original image
     M[:, 2] += (W - w*scale)/2, (H - h*scale)/2
     return M, (W, H)
 
-# %% ../nbs/00a_align.ipynb 51
+# %% ../nbs/00a_align.ipynb 40
 @patch
 def _eye_pair(self:HaarFaceDetector, patch:np.ndarray) -> np.ndarray | None:
     "Centres of the most plausible (left, right) pair of eyes in a square gray face patch, or None."
@@ -213,7 +151,7 @@ def _eye_pair(self:HaarFaceDetector, patch:np.ndarray) -> np.ndarray | None:
             if plausible and off.sum() < best_cost: best, best_cost = np.stack([l, r]), off.sum()
     return best
 
-# %% ../nbs/00a_align.ipynb 54
+# %% ../nbs/00a_align.ipynb 43
 @patch
 def _patch_landmarks(self:HaarFaceDetector, patch:np.ndarray):
     "Five points in a square gray face patch, and whether the eyes were found rather than guessed."
@@ -224,7 +162,7 @@ def _patch_landmarks(self:HaarFaceDetector, patch:np.ndarray):
     R = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     return np.vstack([eyes, (pts[2:] - pts[:2].mean(0)) @ R.T + eyes.mean(0)]), True
 
-# %% ../nbs/00a_align.ipynb 57
+# %% ../nbs/00a_align.ipynb 46
 @patch
 def _detect_at(self:HaarFaceDetector, gray:np.ndarray, scale:float, angle:float) -> list:
     "Faces (in `gray`'s coordinates) found in its view shrunk by `scale` and rotated by `angle`, each with whether its eyes were found."
@@ -241,7 +179,7 @@ def _detect_at(self:HaarFaceDetector, gray:np.ndarray, scale:float, angle:float)
         found.append((Face(tuple(np.r_[corners.min(0), corners.max(0)].round(1).tolist()), transform_points(back, pts), float(weight) + EYE_BONUS*eyes), eyes))
     return found
 
-# %% ../nbs/00a_align.ipynb 60
+# %% ../nbs/00a_align.ipynb 49
 @patch
 def __call__(self:HaarFaceDetector, rgb:np.ndarray, # HxWx3 uint8 RGB image
             ) -> list[Face]:
@@ -257,7 +195,7 @@ def __call__(self:HaarFaceDetector, rgb:np.ndarray, # HxWx3 uint8 RGB image
         if angle == 0 and any(eyes for _, eyes in found): break
     return best
 
-# %% ../nbs/00a_align.ipynb 64
+# %% ../nbs/00a_align.ipynb 53
 @functools.cache
 def default_detector() -> HaarFaceDetector:
     "The detector `align_face` uses when none is given, built once."
@@ -268,7 +206,7 @@ def _describe(image) -> str:
     im = image if isinstance(image, Image.Image) else np.asarray(image)
     return f"the {im.size[0]}x{im.size[1]} {im.mode} image" if isinstance(im, Image.Image) else f"the image array of shape {im.shape}"
 
-# %% ../nbs/00a_align.ipynb 65
+# %% ../nbs/00a_align.ipynb 54
 def align_face(image, # anything `load_image` reads
                landmarks:np.ndarray|None=None, # (5,2) points in `image`; None to detect them
                size:int=100, # side of the aligned crop

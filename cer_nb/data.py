@@ -15,7 +15,8 @@ import pandas as pd
 from fastcore.basics import patch
 from .core import (RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, LabelSet, canonical_label, write_atomic,
                          ItemFailure, BatchResult, map_items)
-from .align import load_image, landmarks_from_68
+from .images import load_image
+from .align import landmarks_from_68
 
 # %% auto 0
 __all__ = ['RAFDB_SUBSETS', 'RAFDB_LABEL_FILE', 'RAFDB_ATTRIBUTES', 'ABAW_CLASS_NAMES', 'VIDEO_EXTENSIONS',

@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors import safe_open, SafetensorError
 from transformers import BatchFeature
 from .core import LabelSet, LABEL_SETS, find_label, map_items, BatchResult, ItemFailure, check_model_ref
-from .align import load_image, align_face
+from .images import load_image
+from .align import align_face
 from .prompts import prompt_text, DEFAULT_VARIANT, PROMPT_VARIANTS
 from .lvlm import family_of, uses_mrope
 from .model import load_lvlm, AnswerCollator, merge_adapters, render, encode, per_token_keys, image_keys

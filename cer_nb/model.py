@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText, BatchFeature
 from peft import LoraConfig
 from .core import LabelSet, check_model_ref
 from .prompts import prompt_text, question_turns, DEFAULT_VARIANT
-from .align import load_image
+from .images import load_image
 from .lvlm import family_of, load_processor, lora_targets, LORA_PRESETS
 
 # %% auto 0

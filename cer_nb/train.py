@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerState, TrainingArguments, PrinterCallback, set_seed
 from transformers.trainer_utils import TrainOutput
 from .core import LABEL_SETS
-from .align import load_image
+from .images import load_image
 from .prompts import PROMPT_VARIANTS
 from .lvlm import LORA_PRESETS
 from .model import load_lvlm, AnswerCollator, PreparedExamples, lora_config, merge_adapters
