@@ -12,11 +12,17 @@ Compared, side by side in one run, each measurement in its own fresh process, tr
 4. peak memory of each (peak resident set size of the measuring process, `ru_maxrss`);
 5. how each grows with the work: dataset size, image resolution (visual tokens), number of candidate labels.
 
+Any supported family (`--family`, a `model_type` of `cer_nb.lvlm.FAMILIES`): qwen2_vl, the default, runs the pre-trained tiny
+Qwen2-VL shipped in cer_nb/assets; every other family its tiny replica (`cer_nb.replicas.make_tiny_replica`), whose weights are
+random: its accuracies mean nothing, its speeds and memory are what is measured. An arm that does not support a family (TRL's
+trainer, for some) is reported and left out of the run, not fatal.
+
 Usage (from the repository root):
-    python benchmarks/bench.py --quick           # ~6 min on 2 CPU cores
-    python benchmarks/bench.py                   # the full run, ~16 min on 2 CPU cores
-    python benchmarks/bench.py --device cuda --model-size 2b   # on a GPU: Qwen2-VL-2B dimensions, random weights, bf16
-    python benchmarks/bench.py --check-2b        # build the 2B config on the meta device and count its parameters
+    python benchmarks/bench.py --quick                     # a smoke run, 1-2 min on 2 CPU cores
+    python benchmarks/bench.py --quick --family gemma3     # the same on Gemma 3's tiny replica (random weights)
+    python benchmarks/bench.py                             # the full run, ~18 min on 2 CPU cores
+    python benchmarks/bench.py --device cuda --model-size 2b   # on a GPU: Qwen2-VL-2B-Instruct replica, random weights, bf16
+    python benchmarks/bench.py --check-2b                  # build the 2B config on the meta device and count its parameters
 Results: a table on stdout and benchmarks/results/<machine-tag>.json (written atomically).
 """
 from __future__ import annotations
@@ -25,6 +31,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = 1
+DEFAULT_FAMILY = 'qwen2_vl'  # the family of the pre-trained tiny model shipped in cer_nb/assets
+PARTS = {'train', 'eval', 'predict', 'scaling'}  # what --only may name
+# What a full run and a --quick run measure. Quick: one trial, a few steps and faces, no scaling unless --only names it.
+SIZES = {'full': dict(trials=5, steps=70, adapter_steps=250, parts='train,eval,predict,scaling', n_test=None, latency_reps=30, n_batch=64,
+                      resolutions=(100, 200, 300), resolution_steps=24, n_train=(140, 280, 560), n_scaling_test=64, n_eval=(32, 64, 140)),
+         'quick': dict(trials=1, steps=6, adapter_steps=4, parts='train,eval,predict', n_test=32, latency_reps=5, n_batch=16,
+                       resolutions=(100, 200), resolution_steps=6, n_train=(140, 280), n_scaling_test=32, n_eval=(16, 32))}
 # Peak dense bf16 tensor throughput (TFLOP/s) of GPUs by name, for model FLOPs utilisation; override with --peak-tflops.
 PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0, 'A10': 125.0, 'T4': 65.0}
 
@@ -38,75 +51,62 @@ def cpu_model() -> str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
-def versions() -> dict:
+def package_versions(*packages) -> dict:
+    "The installed version of each package (None if absent), without importing it."
     from importlib.metadata import version, PackageNotFoundError
-    out = {'python': platform.python_version()}
-    for pkg in ('torch', 'transformers', 'peft', 'accelerate', 'trl', 'datasets', 'cer_nb'):
+    out = {}
+    for pkg in packages:
         try: out[pkg] = version(pkg)
         except PackageNotFoundError: out[pkg] = None
     return out
 
-def git_dirty() -> bool|None:
-    try: return bool(subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=HERE, capture_output=True, text=True, timeout=5).stdout.strip())
-    except Exception: return None
-
 def machine_info(device:str) -> dict:
+    "The machine, the code (commit, dirty flag) and the package versions a result was measured with."
     import torch
-    from cer_nb.train import git_commit
+    from cer_nb.runs import provenance
+    prov = provenance(HERE)  # the commit, its dirty flag and the library versions, as a run records them
     info = dict(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform(), device=device, gpu=None,
-                memory_gb=round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1), versions=versions(),
-                git_commit=git_commit(HERE), git_dirty=git_dirty())
+                memory_gb=round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1),
+                versions={**prov['versions'], **package_versions('trl', 'datasets')}, git_commit=prov['git_commit'], git_dirty=prov['git_dirty'])
     if device == 'cuda' and torch.cuda.is_available(): info['gpu'] = torch.cuda.get_device_name(0)
     return info
 
 def slug(s:str) -> str: return re.sub(r'[^a-z0-9]+', '-', s.lower()).strip('-')
 
-def machine_tag(info:dict, model_size:str, quick:bool) -> str:
+def machine_tag(info:dict, family:str, model_size:str, quick:bool) -> str:
+    "The result file's name: the machine, the family (unless the default), the model size, whether quick."
     hw = f"gpu-{slug(info['gpu'])}" if info['gpu'] else f"cpu-{slug(info['cpu'])[:40]}-{info['cores']}c"
-    return f"{hw}-{model_size}" + ('-quick' if quick else '')
+    return f"{hw}-" + ('' if family == DEFAULT_FAMILY else f'{slug(family)}-') + model_size + ('-quick' if quick else '')
 
 # ----------------------------------------------------------------------------------------------------------------
-# Qwen2-VL-2B dimensions (random weights): for GPU runs, and checked on the meta device on CPU
+# The base model: the shipped pre-trained tiny Qwen2-VL, another family's tiny replica, or Qwen2-VL-2B-Instruct's replica
 
-def qwen2vl_2b_config(tok):
-    "A `Qwen2VLConfig` with Qwen2-VL-2B-Instruct's dimensions, whose special token ids match tokenizer `tok`."
-    from transformers import Qwen2VLConfig
-    ids = {k: tok.convert_tokens_to_ids(t) for k, t in [('image_token_id', '<|image_pad|>'), ('video_token_id', '<|video_pad|>'),
-           ('vision_start_token_id', '<|vision_start|>'), ('vision_end_token_id', '<|vision_end|>')]}
-    special = dict(bos_token_id=tok.convert_tokens_to_ids('<|endoftext|>'), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                rope_parameters=dict(rope_type='default', mrope_section=[16, 24, 24], rope_theta=1000000.0), **special)
-    vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3)
-    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids, **special)
+def base_model(family:str, model_size:str, work:Path) -> dict:
+    "The checkpoint folder the benchmark runs on (`base`), what its weights are (`weights`), and whether they are random."
+    if model_size == '2b':
+        from cer_nb.qwen2vl import make_qwen2vl_2b
+        return dict(base=str(make_qwen2vl_2b(work/'qwen2vl-2b-random')), random_weights=True,  # built once (4.4 GB), then reused
+                    weights='Qwen2-VL-2B-Instruct replica: real config and tokenizer, RANDOM weights (cer_nb.qwen2vl.make_qwen2vl_2b)')
+    if family == DEFAULT_FAMILY:
+        from cer_nb.pretrain import tiny_base
+        return dict(base=tiny_base(), random_weights=False, weights='pre-trained tiny Qwen2-VL shipped in cer_nb/assets (cer_nb.pretrain.tiny_base)')
+    from cer_nb.replicas import make_tiny_replica
+    return dict(base=str(make_tiny_replica(family, work/f'replica-{family}', seed=0)), random_weights=True,  # deterministic: rebuilt every run
+                weights=f'tiny {family} replica, RANDOM weights (cer_nb.replicas.make_tiny_replica, seed 0)')
 
 def count_2b_params() -> dict:
-    "Instantiate the 2B config on the meta device (no weights allocated) and count its parameters."
+    "Instantiate Qwen2-VL-2B-Instruct's config (`cer_nb.qwen2vl.QWEN2VL_2B_CONFIG`) on the meta device (no weights) and count its parameters."
     import torch
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-    from cer_nb.pretrain import tiny_base
-    cfg = qwen2vl_2b_config(AutoTokenizer.from_pretrained(tiny_base()))
-    with torch.device('meta'): model = Qwen2VLForConditionalGeneration(cfg)
+    from transformers import AutoModelForImageTextToText, Qwen2VLConfig
+    from cer_nb.qwen2vl import QWEN2VL_2B_CONFIG
+    with torch.device('meta'): model = AutoModelForImageTextToText.from_config(Qwen2VLConfig.from_dict(QWEN2VL_2B_CONFIG))
     uniq = {id(p): p for p in model.parameters()}.values()  # tied embeddings counted once
     n = sum(p.numel() for p in uniq)
     vis = sum(p.numel() for p in model.model.visual.parameters())
     return dict(params=n, vision_params=vis, language_params=n - vis, on_meta=all(p.is_meta for p in uniq))
 
-def make_2b_checkpoint(path:Path) -> Path:
-    "Save a randomly initialised Qwen2-VL with 2B dimensions (bf16) and the tiny model's processor files."
-    import torch
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-    from cer_nb.pretrain import tiny_base
-    if (path/'model.safetensors.index.json').exists() or (path/'model.safetensors').exists(): return path
-    tok = AutoTokenizer.from_pretrained(tiny_base())
-    torch.manual_seed(0)
-    with torch.device('cuda' if torch.cuda.is_available() else 'cpu'):
-        model = Qwen2VLForConditionalGeneration(qwen2vl_2b_config(tok)).to(torch.bfloat16)
-    model.save_pretrained(path)
-    for f in Path(tiny_base()).iterdir():
-        if f.name not in ('model.safetensors', 'config.json', 'generation_config.json'): shutil.copy(f, path/f.name)
-    return path
+# ----------------------------------------------------------------------------------------------------------------
+# Model FLOPs of a Qwen2-VL training step, for model FLOPs utilisation on a GPU
 
 def train_step_flops(cfg, n_text_tokens:int, n_patches:int, logit_positions:int, seq_len:int, patches_per_image:int) -> float:
     "Model FLOPs of one LoRA training step (frozen base): LM forward + activation backward, vision forward only."
@@ -124,9 +124,13 @@ def train_step_flops(cfg, n_text_tokens:int, n_patches:int, logit_positions:int,
 # ----------------------------------------------------------------------------------------------------------------
 # Data: the synthetic RAF-DB compound subset, with copies at other resolutions
 
-def image_max_pixels(px:int) -> int:
-    "`max_pixels` that lets a px x px face keep its size (rounded to the 28-pixel grid)."
-    return max(224 * 224, (28 * math.ceil(px / 28)) ** 2)
+def image_max_pixels(family:str, px:int) -> int|None:
+    "`max_pixels` that lets a px x px face keep its size; None where the family's own cap does, or is not a pixel count (it is kept)."
+    from cer_nb.lvlm import FAMILIES
+    size = FAMILIES[family].image_cap.get('size', {})
+    if not {'shortest_edge', 'longest_edge'} <= set(size): return None  # resized to a fixed size, or capped by edge length
+    need = (px + 16) ** 2  # the face, its sides rounded to any patch grid up to 32 pixels (Qwen2-VL's is 28, Qwen3-VL's 32)
+    return need if need > size['longest_edge'] else None
 
 def prepare_data(root:Path, resolutions) -> dict:
     "Synthetic RAF-DB under `root` and CSVs (path, label) of the compound train/test splits at each resolution."
@@ -212,8 +216,9 @@ def work_train(spec) -> dict:
     clock, rss0 = _step_clock(), None
     try:
         if spec['arm'] == 'cer_nb':
-            from cer_nb.train import StageConfig, train_stage, read_run_info
-            cfg = StageConfig(spec['base'], labels=spec['labels'], stage='bench', image_size=px, max_pixels=image_max_pixels(px),
+            from cer_nb.train import StageConfig, train_stage
+            from cer_nb.runs import read_run_info
+            cfg = StageConfig(spec['base'], labels=spec['labels'], stage='bench', image_size=px, max_pixels=spec['max_pixels'],
                               max_steps=spec['steps'], batch_size=spec['batch_size'], lr=spec['lr'], dtype=dtype,
                               save_steps=10**6, logging_steps=10, seed=spec['seed'])
             rss0 = rss_mb()
@@ -229,7 +234,7 @@ def work_train(spec) -> dict:
             ds = Dataset.from_dict({'images': [[p] for p in train.path],
                                     'messages': [chat_messages(labels, 'context', answer=l) for l in train.label]})
             ds = ds.cast_column('images', List(HFImage()))
-            model, processor = load_lvlm(spec['base'], dtype=dtype, max_pixels=image_max_pixels(px))
+            model, processor = load_lvlm(spec['base'], dtype=dtype, max_pixels=spec['max_pixels'])
             # the settings train_stage uses; SFTConfig's own defaults would also turn on gradient checkpointing and bf16
             args = SFTConfig(output_dir=str(work/'trl'), per_device_train_batch_size=spec['batch_size'], learning_rate=spec['lr'],
                              max_steps=spec['steps'], lr_scheduler_type='cosine', warmup_steps=0.03, weight_decay=0.0,
@@ -252,10 +257,11 @@ def _mfu(spec, res) -> dict:
     import torch
     from transformers import AutoConfig
     from cer_nb.core import LABEL_SETS
-    from cer_nb.model import load_processor, AnswerCollator
+    from cer_nb.lvlm import load_processor
+    from cer_nb.model import AnswerCollator
     import pandas as pd
     cfg = AutoConfig.from_pretrained(spec['base'])
-    proc = load_processor(spec['base'], max_pixels=image_max_pixels(spec['px']))
+    proc = load_processor(spec['base'], max_pixels=spec['max_pixels'])
     rows = pd.read_csv(spec['train_csv']).iloc[:spec['batch_size']]
     b = AnswerCollator(proc, LABEL_SETS[spec['labels']], image_size=spec['px'])([{'image': p, 'answer': l} for p, l in zip(rows.path, rows.label)])
     n_tok, seq = int(b['attention_mask'].sum()), b['input_ids'].shape[1]
@@ -283,10 +289,11 @@ def work_eval(spec) -> dict:
     import torch
     from cer_nb.core import find_label
     from cer_nb.infer import load_checkpoint, label_logprobs, generate_answers, prompt_batch
+    from cer_nb.lvlm import load_processor
     faces, truth = _load_faces(spec['test_csv'], spec.get('n_test'))
     labels = _label_set(spec['labels'])
     model, processor, info = load_checkpoint(spec['run'], device=spec['device'])
-    processor.image_processor.size = {'longest_edge': image_max_pixels(spec['px']), 'shortest_edge': 56 * 56}  # more visual tokens at larger px
+    if spec['max_pixels']: processor = load_processor(info['base_model'], max_pixels=spec['max_pixels'])  # more visual tokens at larger px
     kw = dict(variant=info['variant'], image_size=spec['px'])
     rss0, bs, passes = rss_mb(), spec['batch_size'], []
     model.register_forward_pre_hook(lambda *_: passes.append(1))  # every forward pass of the model, whichever arm
@@ -333,13 +340,20 @@ def work_adapter(spec) -> dict:
     import torch
     torch.set_num_threads(spec['threads'])
     import pandas as pd
-    from cer_nb.train import StageConfig, train_stage, read_run_info, PRESETS
+    from cer_nb.train import StageConfig, train_stage, PRESETS
+    from cer_nb.runs import read_run_info
     preset = PRESETS['cpu-tiny'] if spec['device'] == 'cpu' else dict(dtype='bfloat16', batch_size=spec['batch_size'])
     cfg = StageConfig(spec['base'], labels='rafdb_compound', stage='bench-adapter', max_steps=spec['steps'], save_steps=10**6, **preset)
     run = train_stage(cfg, pd.read_csv(spec['train_csv']), spec['run'], progress=False)
     return dict(run=str(run), metrics=read_run_info(run)['metrics'])
 
 WORKERS = {'train': work_train, 'eval': work_eval, 'predict': work_predict, 'adapter': work_adapter}
+
+class WorkerFailed(RuntimeError):
+    "A measuring process that exited with an error; `reason`: the error's last line."
+    def __init__(self, spec:dict, code:int, stderr:str):
+        self.reason = next((l.strip() for l in reversed(stderr.splitlines()) if l.strip()), f'exit {code}, no message')
+        super().__init__(f"worker {spec['kind']}/{spec.get('arm')} failed (exit {code}):\n{stderr[-4000:]}")
 
 def run_worker(spec:dict, timeout:int=1800) -> dict:
     "Run one measurement in a fresh Python process; its result, with the load average around it."
@@ -349,18 +363,25 @@ def run_worker(spec:dict, timeout:int=1800) -> dict:
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), '--worker', json.dumps(spec)], capture_output=True,
                        text=True, env=env, timeout=timeout)
     lines = [l for l in p.stdout.splitlines() if l.startswith('RESULT ')]
-    if p.returncode or not lines:
-        raise RuntimeError(f"worker {spec['kind']}/{spec.get('arm')} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    if p.returncode or not lines: raise WorkerFailed(spec, p.returncode, p.stderr)
     return {**json.loads(lines[-1][7:]), 'load_before': round(load0, 2), 'load_after': round(os.getloadavg()[0], 2)}
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run: interleaved trials, medians, ratios
 
-def interleaved(name:str, specs:dict, trials:int, rows:list, x=None, log=print):
+OPTIONAL_ARMS = ('trl',)  # arms that may not support every family: one that fails is reported and left out, not fatal
+
+def interleaved(name:str, specs:dict, trials:int, rows:list, skipped:dict, x=None, log=print):
     "Run `trials` rounds of every arm in `specs`, the order reversed every other round (A, B, B, A, ...); append a row per run."
     for t in range(trials):
         for arm, spec in (specs.items() if t % 2 == 0 else reversed(list(specs.items()))):  # alternate who goes first
-            res = run_worker(spec)
+            if arm in skipped: continue
+            try: res = run_worker(spec)
+            except WorkerFailed as e:
+                if arm not in OPTIONAL_ARMS: raise
+                skipped[arm] = f"failed on {spec['family']} ({spec['base']}): {e.reason}"
+                log(f"  {name:<18} {arm:<9} NOT SUPPORTED here, left out of the rest of the run: {skipped[arm]}")
+                continue
             rows.append(dict(experiment=name, arm=arm, trial=t, x_name=x[0] if x else None, x=x[1] if x else None, **res))
             log(f"  {name:<18} {arm:<9} {'' if not x else f'{x[0]}={x[1]}':<14} trial {t}: " +
                 ', '.join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float) and k in METRIC_KEYS))
@@ -411,20 +432,25 @@ def print_table(summary, rats):
         print(f"{r['experiment']:<22} {x:<24} {r['faster']} / {r['slower']} {r['metric']}: {r['ratio']:.2f}x")
 
 def main(argv=None):
+    from cer_nb.lvlm import FAMILIES
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--quick', action='store_true', help='fewer steps, trials and sizes (a few minutes on 2 CPU cores)')
+    p.add_argument('--quick', action='store_true', help="a smoke run (SIZES['quick']): one trial, few steps and faces, no scaling unless --only names it")
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    p.add_argument('--model-size', default='tiny', choices=['tiny', '2b'], help="'tiny': the shipped pre-trained tiny Qwen2-VL; '2b': Qwen2-VL-2B dimensions, random weights (GPU)")
+    p.add_argument('--family', default=DEFAULT_FAMILY, choices=list(FAMILIES),
+                   help=f"model family (config.model_type): {DEFAULT_FAMILY} runs the shipped pre-trained tiny model, "
+                        "any other its tiny replica (random weights)")
+    p.add_argument('--model-size', default='tiny', choices=['tiny', '2b'],
+                   help="'tiny': see --family; '2b': a Qwen2-VL-2B-Instruct replica, random weights (--family qwen2_vl; for a GPU)")
     p.add_argument('--threads', type=int, default=1, help='torch threads in every measuring process (same for all arms)')
-    p.add_argument('--trials', type=int, default=None, help='interleaved trials per arm (default 5, quick 2)')
-    p.add_argument('--steps', type=int, default=None, help='optimiser steps per training run (default 70 = 2 epochs, quick 24)')
+    p.add_argument('--trials', type=int, default=None, help='interleaved trials per arm (default: SIZES, 5; quick 1)')
+    p.add_argument('--steps', type=int, default=None, help='optimiser steps per training run (default: SIZES, 70 = 2 epochs; quick 6)')
     p.add_argument('--batch-size', type=int, default=16, help='training batch size (cer_nb cpu-tiny preset: 16)')
     p.add_argument('--eval-batch-size', type=int, default=8, help='faces per forward pass when evaluating')
-    p.add_argument('--adapter-steps', type=int, default=250, help='steps of the adapter the evaluation uses')
-    p.add_argument('--only', default='train,eval,predict,scaling', help='comma-separated parts to run')
-    p.add_argument('--work', default=os.path.join(tempfile.gettempdir(), 'cer_nb_bench'), help='cache of data and the adapter')
+    p.add_argument('--adapter-steps', type=int, default=None, help='steps of the adapter the evaluation uses (default: SIZES, 250; quick 4)')
+    p.add_argument('--only', default=None, help='comma-separated parts to run, of train,eval,predict,scaling (default: SIZES, all; quick all but scaling)')
+    p.add_argument('--work', default=os.path.join(tempfile.gettempdir(), 'cer_nb_bench'), help='cache of data, replicas and adapters')
     p.add_argument('--out', default=str(HERE/'results'), help='folder of the JSON results')
-    p.add_argument('--tag', default=None, help='result file name (default: from the machine)')
+    p.add_argument('--tag', default=None, help='result file name (default: from the machine, family and size)')
     p.add_argument('--peak-tflops', type=float, default=None, help='GPU peak bf16 TFLOP/s for MFU (default: from the GPU name)')
     p.add_argument('--check-2b', action='store_true', help='only build the 2B config on the meta device and count parameters')
     p.add_argument('--worker', help=argparse.SUPPRESS)
@@ -435,73 +461,89 @@ def main(argv=None):
         return
     if a.check_2b:
         print(json.dumps(count_2b_params(), indent=1)); return
+    if a.model_size == '2b' and a.family != DEFAULT_FAMILY:
+        p.error(f"--model-size 2b is Qwen2-VL-2B-Instruct ({DEFAULT_FAMILY}); other families run as --model-size tiny replicas")
     import torch
+    from transformers.utils import logging as hf_logging
     from cer_nb.core import write_json
+    hf_logging.disable_progress_bar()  # a replica's save_pretrained
     if a.device == 'cuda' and not torch.cuda.is_available(): sys.exit('--device cuda: no CUDA GPU here')
-    trials, steps = a.trials or (2 if a.quick else 5), a.steps or (24 if a.quick else 70)
-    parts = set(a.only.split(','))
+    z = SIZES['quick' if a.quick else 'full']
+    trials, steps, adapter_steps = a.trials or z['trials'], a.steps or z['steps'], a.adapter_steps or z['adapter_steps']
+    parts = set((a.only or z['parts']).split(','))
+    if parts - PARTS: p.error(f"--only {a.only}: unknown part(s) {', '.join(sorted(parts - PARTS))}; expected some of {', '.join(sorted(PARTS))}")
     info = machine_info(a.device)
-    tag = a.tag or machine_tag(info, a.model_size, a.quick)
+    tag = a.tag or machine_tag(info, a.family, a.model_size, a.quick)
     work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
-    resolutions = (100, 200) if a.quick else (100, 200, 300)
     t_start, load_start = time.time(), os.getloadavg()
     print(f"cer_nb benchmark -> {tag}: {info['cpu']} ({info['cores']} cores){', ' + info['gpu'] if info['gpu'] else ''}; "
-          f"load {load_start[0]:.2f}; torch threads {a.threads}; {trials} trials, {steps} steps", flush=True)
-    csvs = prepare_data(work, resolutions)
-    from cer_nb.pretrain import tiny_base
-    base = tiny_base() if a.model_size == 'tiny' else str(make_2b_checkpoint(work/'qwen2vl-2b-random'))
-    common = dict(device=a.device, threads=a.threads, base=base, seed=0, labels='rafdb_compound')
+          f"load {load_start[0]:.2f}; torch threads {a.threads}; {trials} trials, {steps} steps" +
+          (f"; QUICK: a smoke run ({adapter_steps}-step adapter), not numbers to quote" if a.quick else ''), flush=True)
+    csvs = prepare_data(work, z['resolutions'])
+    model_info = base_model(a.family, a.model_size, work)
+    random_note = '; accuracies mean nothing, speed and memory are what is measured' if model_info['random_weights'] else ''
+    print(f"{a.family} ({a.model_size}): {model_info['weights']}{random_note}", flush=True)
+    common = dict(device=a.device, threads=a.threads, family=a.family, base=model_info['base'], seed=0, labels='rafdb_compound',
+                  max_pixels=image_max_pixels(a.family, 100))
+    flops = a.device == 'cuda' and a.family == DEFAULT_FAMILY  # `train_step_flops` counts Qwen2-VL's layers
     train_spec = dict(common, kind='train', train_csv=csvs['train_100'], px=100, steps=steps, batch_size=a.batch_size,
-                      lr=3e-3 if a.device == 'cpu' else 2e-4, flops=a.device == 'cuda', peak_tflops=a.peak_tflops)
-    rows = []
+                      lr=3e-3 if a.device == 'cpu' else 2e-4, flops=flops, peak_tflops=a.peak_tflops)
+    rows, skipped = [], {}
+    def measure(name, spec, arms, rounds=1, x=None, **kw):
+        "`rounds` interleaved runs of `spec`, with `kw`, for each of `arms`, into `rows`."
+        interleaved(name, {arm: dict(spec, arm=arm, **kw) for arm in arms}, rounds, rows, skipped, x)
+    train_arms, eval_arms = ('cer_nb', 'trl'), ('score', 'generate')
     if 'train' in parts:
         print('training throughput (one stage):', flush=True)
-        interleaved('train', {arm: dict(train_spec, arm=arm) for arm in ('cer_nb', 'trl')}, trials, rows)
+        measure('train', train_spec, train_arms, trials)
     need_run = parts & {'eval', 'predict', 'scaling'}
-    run = work/f'adapter-{a.model_size}-{a.device}-{a.adapter_steps}'
+    run = work/f'adapter-{a.family}-{a.model_size}-{a.device}-{adapter_steps}'
     adapter = run_worker(dict(common, kind='adapter', threads=2 if a.device == 'cpu' else 1, train_csv=csvs['train_100'],
-                              steps=a.adapter_steps, batch_size=a.batch_size, run=str(run))) if need_run else None
-    eval_spec = dict(common, kind='eval', run=str(run), test_csv=csvs['test_100'], px=100, batch_size=a.eval_batch_size)
+                              steps=adapter_steps, batch_size=a.batch_size, run=str(run))) if need_run else None
+    eval_spec = dict(common, kind='eval', run=str(run), test_csv=csvs['test_100'], px=100, batch_size=a.eval_batch_size, n_test=z['n_test'])
     if 'eval' in parts:
         print('evaluation (label scoring vs generate-and-parse; floor: the prompt pass alone):', flush=True)
-        interleaved('eval', {arm: dict(eval_spec, arm=arm) for arm in ('score', 'generate', 'floor')}, trials, rows)
+        measure('eval', eval_spec, (*eval_arms, 'floor'), trials)
     if 'predict' in parts:
         print('predict on a loaded model:', flush=True)
         pspec = dict(common, kind='predict', run=str(run), test_csv=csvs['test_100'], batch_size=a.eval_batch_size,
-                     latency_reps=10 if a.quick else 30, n_batch=64)
-        interleaved('predict', {arm: dict(pspec, arm=arm) for arm in ('score', 'generate')}, trials, rows)
+                     latency_reps=z['latency_reps'], n_batch=z['n_batch'])
+        measure('predict', pspec, eval_arms, trials)
     if 'scaling' in parts:
         print('scaling:', flush=True)
-        sizes = (140, 280) if a.quick else (140, 280, 560)
-        for n in sizes:  # one epoch over n faces: the stage's cost grows with the data
-            interleaved('train/dataset_size', {arm: dict(train_spec, arm=arm, n_train=n, steps=n // a.batch_size) for arm in ('cer_nb', 'trl')}, 1, rows, ('n_train', n))
-        for px in resolutions:
-            s = dict(train_spec, train_csv=csvs[f'train_{px}'], px=px, steps=min(steps, 12 if a.quick else 24))
-            interleaved('train/resolution', {arm: dict(s, arm=arm) for arm in ('cer_nb', 'trl')}, 1, rows, ('px', px))
-        for px in resolutions:
-            interleaved('eval/resolution', {arm: dict(eval_spec, arm=arm, test_csv=csvs[f'test_{px}'], px=px, n_test=64) for arm in ('score', 'generate')}, 1, rows, ('px', px))
+        n_test = z['n_scaling_test']
+        for n in z['n_train']:  # one epoch over n faces: the stage's cost grows with the data
+            measure('train/dataset_size', train_spec, train_arms, x=('n_train', n), n_train=n, steps=n // a.batch_size)
+        for px in z['resolutions']:  # visual tokens grow with px only where the family's cap is a pixel count (`image_max_pixels`)
+            measure('train/resolution', train_spec, train_arms, x=('px', px), train_csv=csvs[f'train_{px}'], px=px,
+                    max_pixels=image_max_pixels(a.family, px), steps=min(steps, z['resolution_steps']))
+        for px in z['resolutions']:
+            measure('eval/resolution', eval_spec, eval_arms, x=('px', px), test_csv=csvs[f'test_{px}'], px=px,
+                    max_pixels=image_max_pixels(a.family, px), n_test=n_test)
         for key in ('abaw_compound', 'rafdb_compound', 'compound+basic'):
-            interleaved('eval/n_labels', {arm: dict(eval_spec, arm=arm, labels=key, n_test=64) for arm in ('score', 'generate')}, 1, rows, ('labels', key))
-        for n in (32, 64, 140) if not a.quick else (32, 64):
-            interleaved('eval/dataset_size', {arm: dict(eval_spec, arm=arm, n_test=n) for arm in ('score', 'generate')}, 1, rows, ('n_test', n))
+            measure('eval/n_labels', eval_spec, eval_arms, x=('labels', key), labels=key, n_test=n_test)
+        for n in z['n_eval']:
+            measure('eval/dataset_size', eval_spec, eval_arms, x=('n_test', n), n_test=n)
         for bs in (1, 8, 32):
-            interleaved('eval/batch_size', {arm: dict(eval_spec, arm=arm, n_test=64, batch_size=bs) for arm in ('score', 'generate')}, 1, rows, ('batch_size', bs))
+            measure('eval/batch_size', eval_spec, eval_arms, x=('batch_size', bs), n_test=n_test, batch_size=bs)
     summary = summarise(rows)
     rats = ratios(summary)
     result = dict(schema=SCHEMA, tag=tag, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                   command='python benchmarks/bench.py ' + ' '.join(sys.argv[1:] if argv is None else argv), quick=a.quick,
                   machine=info, load_avg_start=list(load_start), load_avg_end=list(os.getloadavg()),
                   wall_seconds=round(time.time() - t_start, 1),
-                  settings=dict(device=a.device, model_size=a.model_size, base=base if a.model_size == 'tiny' else 'random Qwen2-VL-2B dims',
+                  settings=dict(device=a.device, family=a.family, model_size=a.model_size, **model_info,
                                 threads=a.threads, trials=trials, steps=steps, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
-                                adapter_steps=a.adapter_steps, lora=dict(preset='lm', r=16, alpha=32, dropout=0.05),
+                                adapter_steps=adapter_steps, lora=dict(preset='lm', r=16, alpha=32, dropout=0.05),
                                 data='synthetic RAF-DB compound (cer_nb.synth, seed 0): 560 train / 140 test, aligned 100x100',
                                 memory='peak resident set size of each measuring process (ru_maxrss, MB), includes Python, torch and the model'),
-                  adapter=adapter, check_2b=count_2b_params(), rows=rows, summary=summary, ratios=rats)
+                  skipped=skipped, adapter=adapter, check_2b=count_2b_params(), rows=rows, summary=summary, ratios=rats)
     out = Path(a.out)/f'{tag}.json'
     write_json(result, out, indent=1)
     print()
     print_table(summary, rats)
+    for arm, why in skipped.items(): print(f"{arm}: not measured, {why}")
+    if model_info['random_weights']: print(f"{a.family} ({a.model_size}): {model_info['weights']}{random_note}")
     print(f"\nwrote {out} ({result['wall_seconds']:.0f} s; load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f})")
 
 if __name__ == '__main__': main()
