@@ -4,17 +4,18 @@
 
 # %% ../nbs/08_cli.ipynb 3
 from __future__ import annotations
-import argparse, contextlib, json, math, os, re, sys, tempfile, time, warnings
+import argparse, contextlib, json, math, sys, time, warnings
 from pathlib import Path
 import cer_nb
-from .core import LABEL_SETS, RAFDB_COMPOUND, ABAW_COMPOUND, write_atomic, check_model_ref
-from .prompts import PROMPT_VARIANTS, DEFAULT_VARIANT
+from .core import LABEL_SETS, RAFDB_COMPOUND, ABAW_COMPOUND, write_atomic, write_json, check_model_ref
+from .prompts import PROMPT_VARIANTS
+from .runs import read_run_info, provenance
+from .pipeline import train_arms, label_probs, compound_scores, cexpr_scores
 
 # %% auto 0
-__all__ = ['DEMO_DEFAULTS', 'DEMO_QUICK', 'LORA_PRESET_NAMES', 'HARDWARE_PRESETS', 'USER_ERRORS', 'IMAGE_EXTENSIONS',
-           'PREDICTION_FORMATS', 'SYNTHETIC_NOTE', 'demo_settings', 'cli_parser', 'main', 'train_config', 'cmd_train',
-           'image_paths', 'predictions_table', 'write_predictions', 'cmd_predict', 'demo_data', 'data_counts',
-           'demo_stage_configs', 'label_probs', 'compound_scores', 'cexpr_scores', 'summarise_seeds', 'summary_table',
+__all__ = ['DEMO_DEFAULTS', 'DEMO_QUICK', 'USER_ERRORS', 'IMAGE_EXTENSIONS', 'PREDICTION_FORMATS', 'SYNTHETIC_NOTE',
+           'demo_settings', 'cli_parser', 'main', 'train_config', 'cmd_train', 'image_paths', 'predictions_table',
+           'write_predictions', 'cmd_predict', 'demo_data', 'data_counts', 'summarise_seeds', 'summary_table',
            'run_demo', 'cmd_demo']
 
 # %% ../nbs/08_cli.ipynb 9
@@ -45,8 +46,6 @@ def demo_settings(quick:bool=False, # start from the tiny `DEMO_QUICK` sizes
     return {**s, 'seeds': list(dict.fromkeys(int(v) for v in s['seeds']))}
 
 # %% ../nbs/08_cli.ipynb 12
-LORA_PRESET_NAMES = ('lm', 'lm+vision', 'vision')  # = cer_nb.model.LORA_PRESETS
-HARDWARE_PRESETS = ('cpu-tiny', 't4', 'l4', 'a100')  # = cer_nb.train.PRESETS
 _Formatter = lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30)
 
 def _demo_default(key:str) -> str:
@@ -69,7 +68,7 @@ _AT_LEAST_1, _POSITIVE = _ranged(int, lambda v: v >= 1, '≥ 1'), _ranged(float,
 # %% ../nbs/08_cli.ipynb 13
 def _add_demo_parser(sub):
     p = sub.add_parser('demo', formatter_class=_Formatter, help='run the whole pipeline on synthetic data (minutes on a CPU)',
-        description='Run the paper\'s pipeline on SYNTHETIC data with the tiny pre-trained model shipped with cer_nb: stage 1 '
+        description='Run the paper\'s pipeline on SYNTHETIC data, with the tiny pre-trained model shipped with cer_nb or any supported base: stage 1 '
                     '(basic expressions), stage 2 (compound), a compound-only model for comparison, and zero-shot on synthetic '
                     'C-EXPR-DB videos. Writes OUT/metrics.json, confusion-matrix PNGs and an ABAW submission file, and prints a '
                     'summary. Running it again with the same OUT reuses the data and the finished training runs.')
@@ -83,47 +82,80 @@ def _add_demo_parser(sub):
                                 ('--lr', 'lr', _POSITIVE, 'peak learning rate'), ('--data-seed', 'data_seed', _ranged(int, lambda v: v >= 0, '≥ 0'), 'seed of the synthetic data sets')]:
         p.add_argument(opt, dest=key, type=typ, metavar='F' if typ is _POSITIVE else 'N', help=f'{what} ({_demo_default(key)})')
     p.add_argument('--quick', action='store_true', help='tiny sizes and few steps, for tests: finishes in well under a minute; accuracy means nothing')
-    p.add_argument('--base', metavar='MODEL', help='base checkpoint, a folder or Hub id (default: the tiny pre-trained face model shipped with cer_nb)')
+    p.add_argument('--base', metavar='MODEL', help='base checkpoint of any supported family, a folder or Hub id (default: the tiny pre-trained face model shipped with cer_nb); '
+                                             'a random-weight replica (cer_nb.replicas) runs the pipeline but gives chance-level results')
     p.add_argument('--threads', type=_AT_LEAST_1, default=1, metavar='N', help="CPU threads for torch (default %(default)s: the tiny model's operations are too small to gain from more, and lose a lot when cores are shared)")
     p.add_argument('--quiet', action='store_true', help='no progress bars or step messages; only the summary')
 
 # %% ../nbs/08_cli.ipynb 15
-_STAGE_OPTIONS = {'init_mode': 'init_mode', 'variant': 'variant', 'lora_preset': 'lora_preset', 'r': 'lora_r', 'epochs': 'epochs',
-                  'max_steps': 'max_steps', 'batch_size': 'batch_size', 'grad_accum': 'grad_accum', 'lr': 'lr', 'seed': 'seed',
-                  'image_size': 'image_size', 'dtype': 'dtype', 'save_steps': 'save_steps'}  # option dest -> StageConfig field
+class _LazyParser(argparse.ArgumentParser):
+    "An argparse parser that adds its options (`fill(parser)`) the first time it parses."
+    def __init__(self, *args, fill=None, **kwargs): super().__init__(*args, **kwargs); self._fill = fill
+    def parse_known_args(self, args=None, namespace=None):
+        if self._fill: fill, self._fill = self._fill, None; fill(self)
+        return super().parse_known_args(args, namespace)
 
-_TRAIN_NUMBERS = [  # option, its type (the values StageConfig allows), help
-    ('--r', _AT_LEAST_1, 'LoRA rank (default 16)'), ('--epochs', _POSITIVE, 'passes over the training set (default 1)'),
-    ('--max-steps', _ranged(int, lambda v: v == -1 or v >= 1, '-1 (train for --epochs) or ≥ 1'), 'stop after this many steps; overrides --epochs'),
-    ('--batch-size', _AT_LEAST_1, 'faces per step per device (default 8)'), ('--grad-accum', _AT_LEAST_1, 'gradient accumulation steps (default 1)'),
-    ('--lr', _POSITIVE, 'peak learning rate (default 2e-4)'), ('--seed', _ranged(int, lambda v: 0 <= v < 2**32, 'in [0, 2**32)'), 'seed of LoRA init, data order and dropout (default 0)'),
-    ('--save-steps', _AT_LEAST_1, 'checkpoint every N steps (default 200)'),
-    ('--image-size', _ranged(int, lambda v: v == 0 or v >= 16, '0 (keep the size) or ≥ 16'), 'resize faces to N x N pixels; 0 keeps their size (default 100, the RAF-DB aligned size)')]
+# %% ../nbs/08_cli.ipynb 18
+def _stage_value(field:str, # a `StageConfig` field
+                 kind:type, # its type: int, float or str
+                 optional:bool, # whether it may be None (typed as 0 or none)
+                ):
+    "An argparse type: `text` as a value of `field`, or the usage error `StageConfig` gives for it."
+    from cer_nb.train import StageConfig
+    def parse(text:str):
+        if optional and text.lower() in ('0', 'none'): return None
+        try: value = kind(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        try: StageConfig('base', **{field: value})
+        except ValueError as e: raise argparse.ArgumentTypeError(f"{text!r} is not {str(e).split('expected ', 1)[-1]}") from None
+        return value
+    return parse
 
-def _add_train_parser(sub):
-    p = sub.add_parser('train', formatter_class=_Formatter, help='fine-tune one stage on your RAF-DB copy',
-        description='Fine-tune one LoRA stage on the training split of a RAF-DB copy (official layout) and write a run directory '
-                    'that `cer_nb predict` and a later stage read. An interrupted run resumes from its last checkpoint. '
-                    'Unset options take StageConfig\'s defaults (see cer_nb.train), after --preset.',
-        epilog='example (the paper\'s two stages):\n  cer_nb train --base Qwen/Qwen2-VL-2B-Instruct --data RAF-DB --subset basic --out runs/stage1 --preset l4\n'
-               '  cer_nb train --base Qwen/Qwen2-VL-2B-Instruct --data RAF-DB --subset compound --init-from runs/stage1 --out runs/stage2 --preset l4')
+# %% ../nbs/08_cli.ipynb 20
+_OWN_OPTIONS = {'base_model': '--base', 'labels': '--subset', 'init_from': '--init-from', 'stage': '--stage'}  # fields with options of their own
+_ALIASES = {'lora_r': ['--r']}  # shorter spellings also taken
+
+def _add_stage_fields(p:argparse.ArgumentParser):
+    "One option per other `StageConfig` field: its type, its documentation as help, its default; unset ones stay unset."
+    from dataclasses import fields
+    from fastcore.docments import docments
+    from cer_nb.train import StageConfig, DTYPES, SCHEDULERS
+    from cer_nb.lvlm import LORA_PRESETS
+    docs, choices = docments(StageConfig), {'variant': PROMPT_VARIANTS, 'lora_preset': LORA_PRESETS, 'dtype': DTYPES, 'scheduler': SCHEDULERS}
+    g = p.add_argument_group('stage settings (StageConfig fields; unset: the --preset, then the default)')
+    for f in (f for f in fields(StageConfig) if f.name not in _OWN_OPTIONS):
+        kind, opts = f.type.split('|')[0].strip(), [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+        help = f"{docs[f.name]} (default {f.default}{'; 0 or none: None' if 'None' in f.type else ''})".replace('%', '%%')
+        if kind == 'bool': g.add_argument(*opts, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help); continue
+        g.add_argument(*opts, dest=f.name, type=_stage_value(f.name, {'int': int, 'float': float, 'str': str}[kind], 'None' in f.type),
+                       choices=choices.get(f.name), default=argparse.SUPPRESS, metavar=None if f.name in choices else {'int': 'N', 'float': 'F'}.get(kind, 'TEXT'), help=help)
+
+# %% ../nbs/08_cli.ipynb 22
+def _train_options(p:argparse.ArgumentParser):
+    "`cer_nb train`'s options: the data, the base, the runs and a hardware preset, then the `StageConfig` fields."
+    from cer_nb.train import PRESETS
     req = p.add_argument_group('required')
     req.add_argument('--base', required=True, metavar='MODEL', help='base LVLM: Hub id (e.g. Qwen/Qwen2-VL-2B-Instruct) or local folder')
     req.add_argument('--data', required=True, metavar='ROOT', help='RAF-DB folder holding basic/ and compound/ (or the subset folder itself)')
     req.add_argument('--subset', required=True, choices=('basic', 'compound'), help='train on the 7 basic or the 11 compound expressions')
     req.add_argument('--out', required=True, metavar='RUN', help='run directory to write')
     p.add_argument('--init-from', metavar='RUN', help='run directory of the previous stage (stage 2 starts from stage 1)')
-    p.add_argument('--init-mode', choices=('continue', 'merge'), help="with --init-from: 'continue' training its adapter (default) or 'merge' it into the base and add a new one")
     p.add_argument('--stage', metavar='NAME', help="name recorded in the run (default 'stage2' with --init-from, else 'stage1')")
-    p.add_argument('--preset', choices=HARDWARE_PRESETS, help='hardware settings applied first (batch size, dtype, 4-bit, ...; see cer_nb.train.PRESETS)')
-    p.add_argument('--variant', choices=PROMPT_VARIANTS, help=f'prompt variant (default {DEFAULT_VARIANT})')
-    p.add_argument('--lora-preset', choices=LORA_PRESET_NAMES, help='which layers get LoRA adapters (default lm)')
-    for opt, typ, what in _TRAIN_NUMBERS: p.add_argument(opt, type=typ, metavar='F' if typ is _POSITIVE else 'N', help=what)
-    p.add_argument('--dtype', choices=('auto', 'bfloat16', 'float32'), help='weights dtype (default auto; never fp16: Qwen2 overflows)')
+    p.add_argument('--preset', choices=PRESETS, help='hardware settings applied first (batch size, dtype, 4-bit, ...; see cer_nb.train.PRESETS)')
     p.add_argument('--no-aligned', action='store_true', help='train on the original images instead of the aligned 100x100 faces')
     p.add_argument('--quiet', action='store_true', help='no progress bar or loss log')
+    _add_stage_fields(p)
 
-# %% ../nbs/08_cli.ipynb 16
+# %% ../nbs/08_cli.ipynb 23
+def _add_train_parser(sub):
+    sub.add_parser('train', formatter_class=_Formatter, fill=_train_options, help='fine-tune one stage on your RAF-DB copy',
+        description='Fine-tune one LoRA stage on the training split of a RAF-DB copy (official layout) and write a run directory '
+                    'that `cer_nb predict` and a later stage read. An interrupted run resumes from its last checkpoint. '
+                    'Unset options take StageConfig\'s defaults (see cer_nb.train), after --preset.',
+        epilog='example (the paper\'s two stages):\n  cer_nb train --base Qwen/Qwen2-VL-2B-Instruct --data RAF-DB --subset basic --out runs/stage1 --preset l4\n'
+               '  cer_nb train --base Qwen/Qwen2-VL-2B-Instruct --data RAF-DB --subset compound --init-from runs/stage1 --out runs/stage2 --preset l4')
+
+# %% ../nbs/08_cli.ipynb 24
 def _add_predict_parser(sub):
     p = sub.add_parser('predict', formatter_class=_Formatter, help='label face images with a trained run or a base model',
         description='Predict the expression of each face image and print a table (image, label, top probability). Images are '
@@ -140,7 +172,7 @@ def _add_predict_parser(sub):
     p.add_argument('--base', metavar='MODEL', help='the base model to use instead of the one the checkpoint names (e.g. it moved)')
     p.add_argument('--out', metavar='FILE', help='also write the predictions, with every label\'s probability, to FILE.csv or FILE.json')
 
-# %% ../nbs/08_cli.ipynb 17
+# %% ../nbs/08_cli.ipynb 25
 def cli_parser() -> argparse.ArgumentParser:
     "The `cer_nb` argument parser, with its `demo`, `train` and `predict` commands."
     p = argparse.ArgumentParser(prog='cer_nb', formatter_class=_Formatter,
@@ -148,11 +180,11 @@ def cli_parser() -> argparse.ArgumentParser:
         epilog="Run 'cer_nb COMMAND --help' for a command's options.")
     p.add_argument('--version', action='version', version=f'%(prog)s {cer_nb.__version__}')
     p.add_argument('--debug', action='store_true', help='show the full traceback of an error instead of a one-line message')
-    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND', parser_class=_LazyParser)
     for add in (_add_demo_parser, _add_train_parser, _add_predict_parser): add(sub)
     return p
 
-# %% ../nbs/08_cli.ipynb 19
+# %% ../nbs/08_cli.ipynb 27
 USER_ERRORS = (OSError, ValueError)
 
 def _one_line(e) -> str: return ' '.join(str(e).split())
@@ -165,7 +197,7 @@ def _warnings_as_lines(command:str):
     try: yield
     finally: warnings.showwarning = show
 
-# %% ../nbs/08_cli.ipynb 20
+# %% ../nbs/08_cli.ipynb 28
 def main(argv:list[str]|None=None, # the arguments after `cer_nb`; None: `sys.argv[1:]`
         ) -> int:
     "Run the `cer_nb` command line; the exit code: 0 done, 1 some images failed (or an unexpected error), 2 a usage or input error."
@@ -182,7 +214,7 @@ def main(argv:list[str]|None=None, # the arguments after `cer_nb`; None: `sys.ar
         print(f"cer_nb {args.command}: error: " + (_one_line(e) if user else f"{type(e).__name__}: {_one_line(e)} (unexpected: --debug shows where)"), file=sys.stderr)
         return 2 if user else 1
 
-# %% ../nbs/08_cli.ipynb 31
+# %% ../nbs/08_cli.ipynb 39
 def _model_ref(name_or_path:str) -> str:
     "A local checkpoint folder as an absolute path; anything else (a Hub id) unchanged."
     p = Path(name_or_path).expanduser()
@@ -192,13 +224,12 @@ def train_config(args:argparse.Namespace, # parsed `cer_nb train` options
                 ):
     "The `StageConfig` that `cer_nb train` options describe."
     from cer_nb.train import StageConfig, PRESETS
-    typed = {field: getattr(args, dest) for dest, field in _STAGE_OPTIONS.items() if getattr(args, dest) is not None}
-    if typed.get('image_size') == 0: typed['image_size'] = None
+    typed = {k: v for k, v in vars(args).items() if k in StageConfig.__dataclass_fields__ and k not in _OWN_OPTIONS}
     return StageConfig(base_model=_model_ref(args.base), labels=f'rafdb_{args.subset}', stage=args.stage or ('stage2' if args.init_from else 'stage1'),
                        init_from=str(Path(args.init_from).expanduser().resolve()) if args.init_from else None,
                        **{**PRESETS.get(args.preset, {}), **typed})
 
-# %% ../nbs/08_cli.ipynb 40
+# %% ../nbs/08_cli.ipynb 48
 def _hush_libraries():
     "Silence transformers' loading bars, info messages and deprecation warnings (the Trainer's progress bar stays)."
     from transformers.utils import logging as hf_logging
@@ -209,14 +240,14 @@ def _hush_libraries():
 def _say(msg:str, quiet:bool=False):
     if not quiet: print(f'[cer_nb] {msg}', file=sys.stderr, flush=True)
 
-# %% ../nbs/08_cli.ipynb 41
+# %% ../nbs/08_cli.ipynb 49
 def cmd_train(args:argparse.Namespace) -> int:
     "`cer_nb train`: fine-tune one stage on a RAF-DB copy."
     from cer_nb.data import load_rafdb
     train = load_rafdb(args.data, args.subset, split='train', aligned=not args.no_aligned)  # a wrong path fails before torch loads
     check_model_ref(args.base, '--base')  # so does a mistyped base, or a Hub id that is not cached while offline
     _hush_libraries()
-    from cer_nb.train import read_run_info, train_stage
+    from cer_nb.train import train_stage
     if args.init_from: read_run_info(args.init_from)  # fail now, not after loading the model, if it is not a finished run
     cfg = train_config(args)
     _say(f"{cfg.stage}: {len(train)} {args.subset} training faces from {args.data}, base {cfg.base_model}", args.quiet)
@@ -225,7 +256,7 @@ def cmd_train(args:argparse.Namespace) -> int:
     print(f"{cfg.stage} done: {run} ({m['steps']} steps, {m['seconds']:.0f} s training, train loss {m['train_loss']:.3f})")
     return 0
 
-# %% ../nbs/08_cli.ipynb 47
+# %% ../nbs/08_cli.ipynb 55
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 def image_paths(items:list, # image files and folders
@@ -242,7 +273,7 @@ def image_paths(items:list, # image files and folders
         else: raise FileNotFoundError(f"no such image or folder: {item}")
     return paths
 
-# %% ../nbs/08_cli.ipynb 50
+# %% ../nbs/08_cli.ipynb 58
 def predictions_table(paths:list, # the images, in the order predicted
                       preds:list, # their `cer_nb.infer.Prediction`s
                      ):
@@ -257,7 +288,7 @@ def predictions_table(paths:list, # the images, in the order predicted
     table = pd.DataFrame(rows)
     return table[[c for c in table if c != 'error'] + (['error'] if 'error' in table else [])]
 
-# %% ../nbs/08_cli.ipynb 52
+# %% ../nbs/08_cli.ipynb 60
 PREDICTION_FORMATS = ('.csv', '.json')
 
 def _write_csv(df, path:Path) -> Path:
@@ -268,12 +299,11 @@ def write_predictions(table, # from `predictions_table`
                       path, # FILE.csv or FILE.json
                      ) -> Path:
     "Write the predictions table to a CSV or JSON file (a list of rows), atomically."
-    from cer_nb.core import write_json
     path = Path(path)
     if path.suffix.lower() not in PREDICTION_FORMATS: raise ValueError(f"--out {path}: the file name must end in .csv or .json")
     return write_json(table.to_dict(orient='records'), path) if path.suffix.lower() == '.json' else _write_csv(table, path)
 
-# %% ../nbs/08_cli.ipynb 54
+# %% ../nbs/08_cli.ipynb 62
 def _check_checkpoint(checkpoint:str, labels:str|None):
     "Fail early, naming the path, if `checkpoint` cannot be a run directory, a peft adapter or a model folder, or (with `labels`) a Hub id that can be had."
     p = Path(checkpoint).expanduser()
@@ -285,7 +315,7 @@ def _check_checkpoint(checkpoint:str, labels:str|None):
     if labels is None: raise ValueError(f"{checkpoint} is {'a peft adapter' if (p/'adapter_config.json').is_file() else 'a base model'}, not a cer_nb run: pass --labels, the classes to choose among")
     if not p.exists(): check_model_ref(checkpoint, 'checkpoint')  # a Hub id: in the cache, or the Hub within reach
 
-# %% ../nbs/08_cli.ipynb 55
+# %% ../nbs/08_cli.ipynb 63
 def _print_predictions(table):
     "The predicted images as a plain table on stdout (those that failed are reported on stderr)."
     import pandas as pd
@@ -294,7 +324,7 @@ def _print_predictions(table):
     with pd.option_context('display.max_colwidth', 80, 'display.float_format', '{:.3f}'.format):
         print(good[[c for c in ('image', 'label', 'probability', 'answer') if c in good]].to_string(index=False))
 
-# %% ../nbs/08_cli.ipynb 57
+# %% ../nbs/08_cli.ipynb 65
 def _report_failures(failures:list, n:int) -> int:
     "An error line per image that failed and a summary, on stderr; the exit code: 1 if any failed."
     for f in failures:
@@ -303,7 +333,7 @@ def _report_failures(failures:list, n:int) -> int:
     if failures: print(f"cer_nb predict: {len(failures)} of {n} images failed; the other {n - len(failures)} were predicted", file=sys.stderr)
     return 1 if failures else 0
 
-# %% ../nbs/08_cli.ipynb 58
+# %% ../nbs/08_cli.ipynb 66
 def cmd_predict(args:argparse.Namespace) -> int:
     "`cer_nb predict`: print (and optionally write) the predicted expression of each image; each image that fails gets an error line."
     paths = image_paths(args.images, args.recursive)
@@ -321,12 +351,11 @@ def cmd_predict(args:argparse.Namespace) -> int:
     if args.out: print(f"wrote {write_predictions(table, args.out)}")
     return _report_failures(preds.failures, len(paths))
 
-# %% ../nbs/08_cli.ipynb 64
+# %% ../nbs/08_cli.ipynb 72
 _EVAL_ONLY = ('seeds', 'eval_batch_size', 'smooth_window')  # settings that change no data and no training run
 
 def _claim_out(out:Path, settings:dict, base:str):
     "Record the settings that made `out`'s data and runs; refuse if `out` holds a demo made with others."
-    from cer_nb.core import write_json
     made = {**{k: v for k, v in settings.items() if k not in _EVAL_ONLY}, 'base': base}
     f = out/'demo_settings.json'
     if f.exists():
@@ -335,7 +364,7 @@ def _claim_out(out:Path, settings:dict, base:str):
             raise FileExistsError(f"{out} holds a demo made with other settings ({', '.join(f'{k}: {old.get(k)} -> {made.get(k)}' for k in diff)}); use another --out or delete it")
     write_json(made, f)
 
-# %% ../nbs/08_cli.ipynb 66
+# %% ../nbs/08_cli.ipynb 74
 def demo_data(out, # the demo folder
               settings:dict, # from `demo_settings`
              ) -> dict:
@@ -354,98 +383,52 @@ def data_counts(data:dict) -> dict:
     return {**{k: len(v) for k, v in data.items() if k != 'cexpr'}, 'cexpr_videos': cexpr.video.nunique(),
             'cexpr_frames': len(cexpr), 'cexpr_labelled_frames': int(cexpr.label.notna().sum())}
 
-# %% ../nbs/08_cli.ipynb 69
-def demo_stage_configs(base:str, # base checkpoint
-                       settings:dict, # from `demo_settings`
-                       seed:int, # training seed
-                       seed_dir:Path, # the folder of this seed's runs
-                      ) -> dict:
-    "The `StageConfig`s of the demo's stage 1, stage 2 and compound-only runs."
-    from cer_nb.train import StageConfig
-    s = settings
-    common = dict(base_model=base, batch_size=s['batch_size'], lr=s['lr'], lora_r=s['lora_r'], lora_preset=s['lora_preset'],
-                  image_size=s['image_size'], seed=seed)
-    steps = lambda n: dict(max_steps=n, logging_steps=max(1, n // 10))  # about ten loss lines per run
-    return {'stage1': StageConfig(labels='rafdb_basic', stage='stage1', **steps(s['steps1']), **common),
-            'stage2': StageConfig(labels='rafdb_compound', stage='stage2', init_from=str(Path(seed_dir/'stage1').resolve()), **steps(s['steps2']), **common),
-            'compound_only': StageConfig(labels='rafdb_compound', stage='compound_only', **steps(s['steps2']), **common)}
-
-# %% ../nbs/08_cli.ipynb 72
-def label_probs(run, # run directory
-                paths, # face images
-                labels, # the `LabelSet` to choose among
-                batch_size:int=32, # faces per forward pass
-               ):
-    "(n_faces, n_labels) array of label probabilities from `run`; the demo's own faces all decode, so one that does not stops it."
-    import numpy as np
-    from cer_nb.infer import predict
-    return np.array([[p.probs[l] for l in labels] for p in predict(list(paths), run, labels=labels, batch_size=batch_size, method='score', strict=True)])
-
-def compound_scores(y_true, # true compound labels
-                    probs, # (n, 11) probabilities from `label_probs`
-                   ) -> tuple[list, dict]:
-    "Predicted labels, and accuracy, macro F1, per-class scores and which half of the compounds was lost."
-    from cer_nb.evaluate import classification_metrics, component_summary, top_labels
-    pred = top_labels(probs, RAFDB_COMPOUND)
-    m = classification_metrics(y_true, pred, RAFDB_COMPOUND)
-    return pred, {**{k: m[k] for k in ('n', 'accuracy', 'macro_f1', 'mean_class_accuracy')}, 'mean_top_probability': float(probs.max(1).mean()),
-                  'per_class': m['per_class'], 'lost_components': component_summary(y_true, pred).loc['all'].to_dict()}
-
-# %% ../nbs/08_cli.ipynb 74
-def cexpr_scores(frames, # C-EXPR frames from `load_cexpr`: `video`, `frame`, `label`
-                 probs, # (n_frames, 7) ABAW class probabilities from `label_probs`
-                 window:int=9, # frames in the moving average
-                ) -> tuple[list, list, dict]:
-    "Per-frame and smoothed predictions, and their ABAW F1s and label switches."
-    from cer_nb.evaluate import abaw_f1, smooth_probs, top_labels, prediction_switches
-    raw, smooth = top_labels(probs, ABAW_COMPOUND), top_labels(smooth_probs(probs, frames.video, window), ABAW_COMPOUND)
-    keep = ('abaw_f1', 'accuracy', 'frames', 'scored', 'unlabelled')
-    m_raw, m_smooth = abaw_f1(frames.label, raw), abaw_f1(frames.label, smooth)
-    return raw, smooth, {**{k: m_raw[k] for k in keep}, 'abaw_f1_smoothed': m_smooth['abaw_f1'], 'accuracy_smoothed': m_smooth['accuracy'],
-                         'smooth_window': window, 'switches': prediction_switches(raw, frames.video),
-                         'switches_smoothed': prediction_switches(smooth, frames.video), 'per_class_smoothed': m_smooth['per_class']}
-
-# %% ../nbs/08_cli.ipynb 76
+# %% ../nbs/08_cli.ipynb 77
 @contextlib.contextmanager
 def _timed(timings:dict, key:str):
     t0 = time.perf_counter()
     yield
     timings[key] = round(time.perf_counter() - t0, 2)
 
-# %% ../nbs/08_cli.ipynb 77
-def _train_seed(base, settings, seed, seed_dir, data, quiet, timings) -> tuple[dict, dict]:
-    "Train (or reuse) this seed's three runs; their directories and `{run: reused}`."
-    from cer_nb.train import RUN_INFO, train_stage
-    runs, reused = {}, {}
-    train = {'stage1': data['basic_train'], 'stage2': data['compound_train'], 'compound_only': data['compound_train']}
-    for name, cfg in demo_stage_configs(base, settings, seed, seed_dir).items():
-        reused[name] = (seed_dir/name/RUN_INFO).exists()
-        _say(f"seed {seed}, {name}: {'reusing the finished run' if reused[name] else f'{cfg.max_steps} steps on {len(train[name])} faces'}", quiet)
-        with _timed(timings, name), contextlib.redirect_stdout(sys.stderr): runs[name] = train_stage(cfg, train[name], seed_dir/name, progress=not quiet)
-    return runs, reused
-
 # %% ../nbs/08_cli.ipynb 78
-def _demo_seed(base, settings, seed, out, data, quiet) -> dict:
-    "Train and evaluate one seed; write its predictions and submission; return its results."
-    from cer_nb.train import read_run_info
-    from cer_nb.data import write_abaw_submission
-    import pandas as pd
-    seed_dir, timings, s = Path(out)/f'seed{seed}', {}, settings
-    runs, reused = _train_seed(base, s, seed, seed_dir, data, quiet, timings)
-    test, frames, res = data['compound_test'], data['cexpr'], {}
+def _train_seed(base, settings, seed, seed_dir, quiet, data, timings) -> dict:
+    "Train (or reuse) this seed's three runs (`cer_nb.pipeline.train_arms`), timing each; `{run: (directory, reused)}`."
+    s = settings
+    with contextlib.redirect_stdout(sys.stderr):  # stdout: results only
+        arms = train_arms(base, data['basic_train'], data['compound_train'], seed_dir, s['steps1'], s['steps2'], progress=not quiet,
+                          say=lambda line: _say(f'seed {seed}, {line}', quiet), batch_size=s['batch_size'], lr=s['lr'],
+                          lora_r=s['lora_r'], lora_preset=s['lora_preset'], image_size=s['image_size'], seed=seed)
+    timings |= {arm: a['seconds'] for arm, a in arms.items()}
+    return {arm: (a['run'], a['reused']) for arm, a in arms.items()}
+
+# %% ../nbs/08_cli.ipynb 79
+def _score_seed(runs, settings, seed, data, quiet, timings) -> tuple[dict, tuple]:
+    "Both compound models on the compound test split, and the stage-2 model on the C-EXPR frames, timed."
+    test, frames, res, bs = data['compound_test'], data['cexpr'], {}, settings['eval_batch_size']
     for name in ('stage2', 'compound_only'):
         _say(f"seed {seed}, {name}: scoring {len(test)} compound test faces", quiet)
-        with _timed(timings, f'eval_{name}'): res[name] = compound_scores(test.label, label_probs(runs[name], test.path, RAFDB_COMPOUND, s['eval_batch_size']))
+        with _timed(timings, f'eval_{name}'): res[name] = compound_scores(test.label, label_probs(runs[name], test.path, RAFDB_COMPOUND, bs))
     _say(f"seed {seed}, stage2: zero-shot on {len(frames)} C-EXPR frames", quiet)
-    with _timed(timings, 'eval_cexpr'): raw, smooth, cexpr = cexpr_scores(frames, label_probs(runs['stage2'], frames.path, ABAW_COMPOUND, s['eval_batch_size']), s['smooth_window'])
+    with _timed(timings, 'eval_cexpr'): cexpr = cexpr_scores(frames, label_probs(runs['stage2'], frames.path, ABAW_COMPOUND, bs), settings['smooth_window'])
+    return res, cexpr
+
+# %% ../nbs/08_cli.ipynb 80
+def _demo_seed(base, settings, seed, out, data, quiet) -> dict:
+    "Train and score one seed; write its predictions and submission; return its results."
+    from cer_nb.data import write_abaw_submission
+    import pandas as pd
+    seed_dir, timings, test, frames = Path(out)/f'seed{seed}', {}, data['compound_test'], data['cexpr']
+    trained = _train_seed(base, settings, seed, seed_dir, quiet, data, timings)
+    runs = {k: run for k, (run, _) in trained.items()}
+    res, (raw, smooth, cexpr) = _score_seed(runs, settings, seed, data, quiet, timings)
     _write_csv(pd.DataFrame({'path': test.path, 'label': test.label, 'two_stage': res['stage2'][0], 'compound_only': res['compound_only'][0]}), seed_dir/'predictions_compound_test.csv')
     _write_csv(pd.DataFrame({'video': frames.video, 'frame': frames.frame, 'label': frames.label, 'per_frame': raw, 'smoothed': smooth}), seed_dir/'predictions_cexpr.csv')
     write_abaw_submission(pd.DataFrame({'video': frames.video, 'frame': frames.frame, 'prediction': smooth}), seed_dir/'cexpr_submission.txt', column='prediction')
-    return {'seed': seed, 'timings': timings, 'reused': reused, 'training': {k: read_run_info(r)['metrics'] for k, r in runs.items()},
+    return {'seed': seed, 'timings': timings, 'reused': {k: r for k, (_, r) in trained.items()}, 'training': {k: read_run_info(r)['metrics'] for k, r in runs.items()},
             'two_stage': res['stage2'][1], 'compound_only': res['compound_only'][1], 'cexpr': cexpr,
             'predictions': {'compound_test': res['stage2'][0], 'compound_only': res['compound_only'][0], 'cexpr': smooth}}
 
-# %% ../nbs/08_cli.ipynb 80
+# %% ../nbs/08_cli.ipynb 82
 def _demo_figures(out:Path, data:dict, first:dict) -> dict:
     "Write the three confusion-matrix PNGs of the first seed; their paths."
     import matplotlib.pyplot as plt
@@ -462,7 +445,7 @@ def _demo_figures(out:Path, data:dict, first:dict) -> dict:
         paths[name] = str(save_figure(fig, out/name)); plt.close(fig)
     return paths
 
-# %% ../nbs/08_cli.ipynb 82
+# %% ../nbs/08_cli.ipynb 84
 SYNTHETIC_NOTE = ('SYNTHETIC results: cartoon faces from cer_nb.synth and a tiny model. They show that the pipeline runs '
                   'and learns; they are NOT results on RAF-DB or C-EXPR-DB and say nothing about Qwen2-VL on real faces.')
 
@@ -480,7 +463,7 @@ def summarise_seeds(per_seed:list, # results of each seed
             'stage1_gain': {k: two[k] - only[k] for k in ('accuracy', 'macro_f1')},
             'cexpr': _across_seeds(per_seed, 'cexpr', ('abaw_f1', 'abaw_f1_smoothed', 'accuracy', 'accuracy_smoothed'))}
 
-# %% ../nbs/08_cli.ipynb 83
+# %% ../nbs/08_cli.ipynb 85
 def summary_table(metrics:dict, # the demo's `metrics.json` contents
                  ):
     "The demo's headline numbers as a small table (mean ± sd over seeds where there are several)."
@@ -496,16 +479,15 @@ def summary_table(metrics:dict, # the demo's `metrics.json` contents
             (video, f'two-stage, smoothed ({win} frames)', fmt(metrics['cexpr'], 'accuracy_smoothed'), fmt(metrics['cexpr'], 'abaw_f1_smoothed'))]
     return pd.DataFrame(rows, columns=['evaluation', 'model', 'accuracy', 'macro F1 (ABAW F1)'])
 
-# %% ../nbs/08_cli.ipynb 85
+# %% ../nbs/08_cli.ipynb 87
 def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results (reused when run again)
-             base:str|None=None, # base checkpoint; None: the tiny pre-trained face model shipped with cer_nb
+             base:str|None=None, # base checkpoint of any supported family; None: the tiny pre-trained face model shipped with cer_nb
              quick:bool=False, # tiny sizes (`DEMO_QUICK`), for tests
              quiet:bool=False, # no progress bars or step messages
              **overrides, # changes to `DEMO_DEFAULTS`; `None` values are ignored
             ) -> dict:
     "Run the two-stage pipeline on synthetic data; write `out/metrics.json`, confusion PNGs and ABAW submissions; return the metrics."
     from cer_nb.pretrain import tiny_base
-    from cer_nb.core import write_json
     t0, s, out = time.perf_counter(), demo_settings(quick, **overrides), Path(out).resolve()
     base = _model_ref(base) if base else tiny_base()
     out.mkdir(parents=True, exist_ok=True); _claim_out(out, s, base); _hush_libraries()
@@ -517,13 +499,13 @@ def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results 
     from cer_nb.infer import clear_checkpoints; clear_checkpoints()
     timings |= {f"seed{r['seed']}/{k}": v for r in per_seed for k, v in r['timings'].items()}
     timings['total'] = round(time.perf_counter() - t0, 2)
-    metrics = {'synthetic': True, 'note': SYNTHETIC_NOTE, 'settings': s, 'base_model': base, 'seeds': s['seeds'], 'data_counts': data_counts(data),
+    metrics = {'synthetic': True, 'note': SYNTHETIC_NOTE, 'settings': s, 'base_model': base, **provenance(), 'seeds': s['seeds'], 'data_counts': data_counts(data),
                'timings': timings, **summarise_seeds(per_seed), 'files': files,
                'per_seed': {str(r['seed']): {k: v for k, v in r.items() if k not in ('predictions', 'timings')} for r in per_seed}}
     write_json(metrics, out/'metrics.json')
     return metrics
 
-# %% ../nbs/08_cli.ipynb 86
+# %% ../nbs/08_cli.ipynb 88
 def cmd_demo(args:argparse.Namespace) -> int:
     "`cer_nb demo`: the whole pipeline on synthetic data, with a summary table."
     if args.base: check_model_ref(args.base, '--base')  # before torch loads
@@ -540,6 +522,6 @@ def cmd_demo(args:argparse.Namespace) -> int:
           f"results: {Path(args.out)/'metrics.json'}, {', '.join(Path(f).name for f in m['files'].values())}")
     return 0
 
-# %% ../nbs/08_cli.ipynb 118
+# %% ../nbs/08_cli.ipynb 120
 #| eval: false
 if __name__ == '__main__': sys.exit(main())

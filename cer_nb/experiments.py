@@ -13,6 +13,7 @@ from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND
 from .synth import make_synthetic_rafdb, make_synthetic_cexpr, class_counts
 from .data import load_rafdb, load_cexpr
 from .prompts import prompt_text
+from .pipeline import train_stage1, train_stage2, train_compound_only, label_probs, cexpr_labels
 from fastcore.basics import patch
 
 # %% auto 0
@@ -135,15 +136,15 @@ def train_condition(cond:Condition, # what to train
                    ) -> Path:
     "Train (or reuse) the model of `cond` for `seed`; returns the run directory to evaluate."
     from cer_nb.pretrain import tiny_base
-    from cer_nb.train import StageConfig, train_stage, stage2_config
     runs, tag, s1, s2 = bench.folder/'runs', f'seed{seed}', bench.stage1_steps, bench.stage2_steps
     if cond.method == 'two-stage':
         name = f"stage1_{cond.variant}_{'aligned' if cond.aligned else 'original'}_r{cond.lora_r}_{cond.lora_preset}_{tag}"
-        stage1 = train_stage(StageConfig(tiny_base(), **_kw(cond, seed, s1)), _basic_train(cond, bench), runs/name, progress=False)
-        return train_stage(stage2_config(stage1, **_kw(cond, seed, s2)), _compound_train(cond, bench, seed), runs/f'{cond.name}_{tag}', progress=False)
+        stage1 = train_stage1(tiny_base(), _basic_train(cond, bench), runs/name, **_kw(cond, seed, s1))
+        return train_stage2(stage1, _compound_train(cond, bench, seed), runs/f'{cond.name}_{tag}', **_kw(cond, seed, s2))
     if cond.method in ('compound-only', 'compound-long'):
-        cfg = StageConfig(tiny_base(), labels='rafdb_compound', stage=cond.method, **_kw(cond, seed, s2 if cond.method == 'compound-only' else s1 + s2))
-        return train_stage(cfg, _compound_train(cond, bench, seed), runs/f'{cond.name}_{tag}', progress=False)
+        steps = s2 if cond.method == 'compound-only' else s1 + s2
+        return train_compound_only(tiny_base(), _compound_train(cond, bench, seed), runs/f'{cond.name}_{tag}', cond.method, **_kw(cond, seed, steps))
+    from cer_nb.train import StageConfig
     cfg = StageConfig(tiny_base(), labels='rafdb_compound', stage='joint', **_kw(cond, seed, s1 + s2))
     rows = pd.concat([_basic_train(cond, bench), _compound_train(cond, bench, seed)], ignore_index=True)
     return train_joint(cfg, rows, runs/f'{cond.name}_{tag}')
@@ -159,24 +160,22 @@ def _scores(y_true, y_pred, labels) -> dict:
 def compound_metrics(run, bench:Benchmark, images:str='aligned') -> dict:
     "Label-likelihood accuracy and macro F1 on the compound test split: `images` 'aligned', 'original' or 'realigned'."
     from cer_nb.align import align_face
-    from cer_nb.infer import predict
+    from cer_nb.evaluate import top_labels
     test = bench.rafdb('compound', 'test', aligned=images == 'aligned')
     faces = [align_face(p, np.asarray(l)) for p, l in zip(test.path, test.landmarks)] if images == 'realigned' else test.path.tolist()
-    start = time.time(); preds = [p.label for p in predict(faces, run, batch_size=32, strict=True)]
+    start = time.time(); preds = top_labels(label_probs(run, faces, RAFDB_COMPOUND), RAFDB_COMPOUND)
     return _scores(test.label, preds, RAFDB_COMPOUND) | {'seconds': round(time.time() - start, 2)}
 
 # %% ../nbs/09_experiments.ipynb 40
 def cexpr_metrics(run, bench:Benchmark, window:int=9) -> dict:
     "Zero-shot ABAW F1 on the synthetic C-EXPR-DB frames, per frame and after temporal smoothing."
-    from cer_nb.infer import predict
-    from cer_nb.evaluate import abaw_f1, top_labels, smooth_probs, prediction_switches
+    from cer_nb.evaluate import abaw_f1, prediction_switches
     frames = bench.cexpr()
-    start = time.time(); preds = predict(frames.path.tolist(), run, labels=ABAW_COMPOUND, batch_size=32, strict=True)
-    probs = np.array([[p.probs[l] for l in ABAW_COMPOUND] for p in preds])
+    start = time.time(); probs = label_probs(run, frames.path, ABAW_COMPOUND)
     truth = [None if pd.isna(v) else int(v) for v in frames.label_id]
     out = {'window': window, 'seconds': round(time.time() - start, 2)}
-    for name, p in (('raw', probs), ('smoothed', smooth_probs(probs, frames.video, window))):
-        labels = top_labels(p, ABAW_COMPOUND); s = abaw_f1(truth, labels)
+    for name, labels in zip(('raw', 'smoothed'), cexpr_labels(frames, probs, window)):
+        s = abaw_f1(truth, labels)
         out[name] = {k: s[k] for k in ('abaw_f1', 'accuracy', 'scored', 'frames')} | {
             'switches': prediction_switches(labels, frames.video), 'pred': _ids(ABAW_COMPOUND, labels)}
     return out
