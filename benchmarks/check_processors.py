@@ -294,18 +294,12 @@ def _grey_level(image_processor) -> float|None:
 
 def worker_row(row:dict, images:list) -> dict:
     import torch
-    from transformers import AutoModelForImageTextToText
     from cer_nb.core import RAFDB_COMPOUND
     from cer_nb import infer
-    from cer_nb.model import AnswerCollator
-    try:
-        from cer_nb.lvlm import load_processor, family_of
-        family = family_of(row['path'])
-    except ImportError:
-        from cer_nb.model import load_processor, family_of
-        family = None
-    proc = load_processor(row['path'])
-    model = AutoModelForImageTextToText.from_pretrained(row['path'], dtype=torch.float32).eval()
+    from cer_nb.lvlm import family_of
+    from cer_nb.model import AnswerCollator, load_lvlm
+    family = family_of(row['path'])
+    model, proc = load_lvlm(row['path'], dtype='float32')  # as cer_nb loads it: the image cap applied to processor and model
     res = dict(classes=_classes(proc), grey_level=_grey_level(proc.image_processor),
                weights_sum=float(sum(p.detach().double().sum() for p in model.parameters())), images=[])
     text = _render(proc, family)
