@@ -84,9 +84,10 @@ def encode(processor, # the model's processor
     return batch
 
 # %% ../nbs/03_model.ipynb 19
-def _specials(tokenizer) -> list[str]:
-    "The tokenizer's special tokens, as text: an answer ends at the first of them."
-    return sorted({*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)})
+def _specials(tokenizer) -> dict[int, str]:
+    "The tokenizer's special tokens, id to text: an answer ends at the first of them."
+    return {**dict(zip(tokenizer.all_special_ids, tokenizer.all_special_tokens)),
+            **{i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}}
 
 def answer_text(processor, # the model's processor (with a chat template)
                 question:str, # the question put to the model
@@ -102,7 +103,7 @@ def answer_text(processor, # the model's processor (with a chat template)
     if tail and not before.endswith(tail):
         raise ValueError(f"the chat template is inconsistent: its generation prompt ends with {tail!r}, its answered turn has {before!r} before the answer")
     after = piece[at + len(answer):]
-    ends = sorted((after.find(t), -len(t), t) for t in _specials(processor.tokenizer) if t in after)
+    ends = sorted((after.find(t), -len(t), t) for t in set(_specials(processor.tokenizer).values()) if t in after)
     return ('' if tail else before) + answer + (after[:ends[0][0] + len(ends[0][2])] if ends else processor.tokenizer.eos_token)
 
 # %% ../nbs/03_model.ipynb 22
@@ -115,7 +116,7 @@ def answer_tokens(tokenizer, # the model's tokenizer
         at = next(i for i, (a, b) in enumerate(zip(prompt_ids, full_ids + [None] * len(prompt_ids))) if a != b)
         raise ValueError(f"the training row departs from the generation prompt at token {at} "
                          f"({tokenizer.decode(prompt_ids[at:at + 3])!r} vs {tokenizer.decode(full_ids[at:at + 3])!r})")
-    span, stops = full_ids[len(prompt_ids):], set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    span, stops = full_ids[len(prompt_ids):], _specials(tokenizer)
     end = next((i for i, t in enumerate(span) if t in stops), None)
     return span[:end + 1] if end is not None else span + [tokenizer.eos_token_id]
 
@@ -156,7 +157,8 @@ def per_token_keys(batch) -> list[str]:
 
 def image_keys(batch) -> list[str]:
     "The batch's image inputs: everything that is not per token."
-    return [k for k in batch if k not in _ROW and k not in per_token_keys(batch)]
+    tokens = per_token_keys(batch)
+    return [k for k in batch if k not in _ROW and k not in tokens]
 
 # %% ../nbs/03_model.ipynb 33
 @patch
@@ -166,7 +168,7 @@ def answer(self:AnswerCollator, question:str, answer:str, image:Image.Image, pro
         proc = self.processor
         text = render(proc, question, answer) if prompt_only(proc) else {'text': render(proc, question)['text'] + answer_text(proc, question, answer)}
         full = encode(proc, [image], [text])
-        p, ids = prompt['input_ids'].shape[1], answer_tokens(self.processor.tokenizer, prompt['input_ids'][0].tolist(), full['input_ids'][0].tolist())
+        p, ids = prompt['input_ids'].shape[1], answer_tokens(proc.tokenizer, prompt['input_ids'][0].tolist(), full['input_ids'][0].tolist())
         row = {'input_ids': torch.tensor(ids)}
         for k in per_token_keys(full):  # an added end token takes the value of the last answer token
             v = full[k][0, p:p + len(ids)]
