@@ -71,6 +71,12 @@ def machine_info(device:str) -> dict:
     if device == 'cuda' and torch.cuda.is_available(): info['gpu'] = torch.cuda.get_device_name(0)
     return info
 
+def stage_lora() -> dict:
+    "The LoRA settings of `cer_nb.train.StageConfig`'s defaults, which the cer_nb arm trains with and the TRL arm is given."
+    from cer_nb.train import StageConfig
+    c = StageConfig('base')
+    return dict(preset=c.lora_preset, r=c.lora_r, alpha=c.lora_alpha or 2 * c.lora_r, dropout=c.lora_dropout)
+
 def slug(s:str) -> str: return re.sub(r'[^a-z0-9]+', '-', s.lower()).strip('-')
 
 def machine_tag(info:dict, family:str, model_size:str, quick:bool) -> str:
@@ -231,6 +237,7 @@ def work_train(spec) -> dict:
             from cer_nb.prompts import chat_messages
             from transformers import set_seed
             set_seed(spec['seed'])
+            lo = stage_lora()
             ds = Dataset.from_dict({'images': [[p] for p in train.path],
                                     'messages': [chat_messages(labels, 'context', answer=l) for l in train.label]})
             ds = ds.cast_column('images', List(HFImage()))
@@ -243,7 +250,7 @@ def work_train(spec) -> dict:
                              dataloader_pin_memory=spec['device'] == 'cuda', disable_tqdm=True)
             rss0 = rss_mb()
             trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor,
-                                 peft_config=lora_config(model, 'lm', r=16, dropout=0.05), callbacks=[clock])
+                                 peft_config=lora_config(model, lo['preset'], r=lo['r'], alpha=lo['alpha'], dropout=lo['dropout']), callbacks=[clock])
             out = trainer.train()
             extra = dict(final_loss=out.training_loss)
         res = _train_summary(spec, clock, spec['steps'], extra)
@@ -534,7 +541,7 @@ def main(argv=None):
                   wall_seconds=round(time.time() - t_start, 1),
                   settings=dict(device=a.device, family=a.family, model_size=a.model_size, **model_info,
                                 threads=a.threads, trials=trials, steps=steps, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
-                                adapter_steps=adapter_steps, lora=dict(preset='lm', r=16, alpha=32, dropout=0.05),
+                                adapter_steps=adapter_steps, lora=stage_lora(),
                                 data='synthetic RAF-DB compound (cer_nb.synth, seed 0): 560 train / 140 test, aligned 100x100',
                                 memory='peak resident set size of each measuring process (ru_maxrss, MB), includes Python, torch and the model'),
                   skipped=skipped, adapter=adapter, check_2b=count_2b_params(), rows=rows, summary=summary, ratios=rats)

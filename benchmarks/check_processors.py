@@ -83,7 +83,7 @@ def families() -> dict:
     "family name -> its model types: from `cer_nb.lvlm.FAMILIES` where that module exists, else only qwen2_vl."
     if importlib.util.find_spec('cer_nb.lvlm') is None: return {'qwen2_vl': ['qwen2_vl']}
     from cer_nb.lvlm import FAMILIES
-    return {name: list(f.model_types) for name, f in FAMILIES.items()}
+    return {name: [name] for name in FAMILIES}  # a family's key is its model type
 
 def replica_rows(work:Path) -> list[dict]:
     "One tiny random replica per supported model type (none where `cer_nb.replicas` does not exist yet)."

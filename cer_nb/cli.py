@@ -9,7 +9,7 @@ from pathlib import Path
 import cer_nb
 from .core import LABEL_SETS, RAFDB_COMPOUND, ABAW_COMPOUND, write_atomic, write_json, check_model_ref
 from .prompts import PROMPT_VARIANTS
-from .runs import read_run_info, provenance
+from .runs import read_run_info, provenance, RUN_INFO, ADAPTER_CONFIG
 from .pipeline import train_arms, label_probs, compound_scores, cexpr_scores
 
 # %% auto 0
@@ -295,12 +295,16 @@ def _write_csv(df, path:Path) -> Path:
     "Write DataFrame `df` to CSV file `path` through a temporary file beside it."
     return write_atomic(path, df.to_csv(index=False))
 
+def _check_format(path) -> Path:
+    "`path` if it names a file format predictions can be written in, else the error (before any model loads)."
+    if Path(path).suffix.lower() not in PREDICTION_FORMATS: raise ValueError(f"--out {path}: the file name must end in .csv or .json")
+    return Path(path)
+
 def write_predictions(table, # from `predictions_table`
                       path, # FILE.csv or FILE.json
                      ) -> Path:
     "Write the predictions table to a CSV or JSON file (a list of rows), atomically."
-    path = Path(path)
-    if path.suffix.lower() not in PREDICTION_FORMATS: raise ValueError(f"--out {path}: the file name must end in .csv or .json")
+    path = _check_format(path)
     return write_json(table.to_dict(orient='records'), path) if path.suffix.lower() == '.json' else _write_csv(table, path)
 
 # %% ../nbs/08_cli.ipynb 62
@@ -308,11 +312,11 @@ def _check_checkpoint(checkpoint:str, labels:str|None):
     "Fail early, naming the path, if `checkpoint` cannot be a run directory, a peft adapter or a model folder, or (with `labels`) a Hub id that can be had."
     p = Path(checkpoint).expanduser()
     if p.is_file(): raise NotADirectoryError(f"checkpoint {checkpoint} is a file; expected a run directory or a model folder")
-    if (p/'cer_nb.json').is_file(): return
-    if p.is_dir() and not any((p/f).is_file() for f in ('adapter_config.json', 'config.json')):
-        raise FileNotFoundError(f"{checkpoint} is neither a cer_nb run directory (no cer_nb.json), a peft adapter (no adapter_config.json) nor a model folder (no config.json)")
+    if (p/RUN_INFO).is_file(): return
+    if p.is_dir() and not any((p/f).is_file() for f in (ADAPTER_CONFIG, 'config.json')):
+        raise FileNotFoundError(f"{checkpoint} is neither a cer_nb run directory (no {RUN_INFO}), a peft adapter (no {ADAPTER_CONFIG}) nor a model folder (no config.json)")
     if labels is None and not p.exists(): raise FileNotFoundError(f"no run directory {checkpoint} (to use a Hub model zero-shot, also pass --labels)")
-    if labels is None: raise ValueError(f"{checkpoint} is {'a peft adapter' if (p/'adapter_config.json').is_file() else 'a base model'}, not a cer_nb run: pass --labels, the classes to choose among")
+    if labels is None: raise ValueError(f"{checkpoint} is {'a peft adapter' if (p/ADAPTER_CONFIG).is_file() else 'a base model'}, not a cer_nb run: pass --labels, the classes to choose among")
     if not p.exists(): check_model_ref(checkpoint, 'checkpoint')  # a Hub id: in the cache, or the Hub within reach
 
 # %% ../nbs/08_cli.ipynb 63
@@ -337,7 +341,7 @@ def _report_failures(failures:list, n:int) -> int:
 def cmd_predict(args:argparse.Namespace) -> int:
     "`cer_nb predict`: print (and optionally write) the predicted expression of each image; each image that fails gets an error line."
     paths = image_paths(args.images, args.recursive)
-    if args.out and Path(args.out).suffix.lower() not in PREDICTION_FORMATS: raise ValueError(f"--out {args.out}: the file name must end in .csv or .json")
+    if args.out: _check_format(args.out)
     _check_checkpoint(args.checkpoint, args.labels)
     if args.base: check_model_ref(args.base, '--base')
     _hush_libraries()
@@ -523,5 +527,4 @@ def cmd_demo(args:argparse.Namespace) -> int:
     return 0
 
 # %% ../nbs/08_cli.ipynb 120
-#| eval: false
-if __name__ == '__main__': sys.exit(main())
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # run as `python -m cer_nb.cli`; a notebook has no `__file__`

@@ -14,8 +14,8 @@ from fastcore.basics import patch
 # %% auto 0
 __all__ = ['RAFDB_BASIC', 'RAFDB_COMPOUND', 'ABAW_COMPOUND', 'LABEL_SETS', 'ADVERBS', 'ADJECTIVES', 'COMPONENTS', 'RAFDB_TO_ABAW',
            'LabelSet', 'compound_components', 'canonical_label', 'parse_label', 'find_label', 'write_atomic',
-           'write_json', 'ItemFailure', 'BatchResult', 'BatchFailed', 'map_items', 'is_hub_id', 'hub_cached',
-           'hub_offline', 'check_model_ref']
+           'write_json', 'ItemFailure', 'BatchResult', 'BatchFailed', 'map_items', 'is_hub_id', 'hub_revision',
+           'hub_cached', 'hub_offline', 'check_model_ref']
 
 # %% ../nbs/00_core.ipynb 6
 @dataclass(frozen=True)
@@ -253,11 +253,16 @@ def is_hub_id(name) -> bool:
             and s.count('/') == 1 and all(s.split('/')))
 
 # %% ../nbs/00_core.ipynb 50
+def hub_revision(repo_id:str, cache_dir=None) -> str|None:
+    "The commit of Hub model `repo_id` in the local Hugging Face cache (the snapshot holding its config.json); None if it is not cached."
+    from huggingface_hub import try_to_load_from_cache  # no torch: huggingface_hub is light
+    try: f = try_to_load_from_cache(repo_id, 'config.json', cache_dir=cache_dir)
+    except ValueError: return None  # not a valid repo id at all
+    return Path(f).parent.name if isinstance(f, str) else None
+
 def hub_cached(repo_id:str) -> bool:
     "Whether Hub model `repo_id` is in the local Hugging Face cache (its config.json is)."
-    from huggingface_hub import try_to_load_from_cache  # no torch: huggingface_hub is light
-    try: return isinstance(try_to_load_from_cache(repo_id, 'config.json'), str)
-    except ValueError: return False  # not a valid repo id at all
+    return hub_revision(repo_id) is not None
 
 def hub_offline(timeout:float=3) -> str|None:
     "Why the Hugging Face Hub cannot be reached now — `HF_HUB_OFFLINE` is set, or its address does not answer — or None if it can."

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import codecs, csv, os, re, shutil, uuid, warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 import cv2

@@ -92,7 +92,7 @@ class Condition:
     variant:str = 'context' # prompt variant (`cer_nb.prompts.PROMPT_VARIANTS`)
     aligned:bool = True # train on the aligned faces, else on the original images
     lora_r:int = 16 # LoRA rank
-    lora_preset:str = 'lm' # LoRA targets (`cer_nb.model.LORA_PRESETS`)
+    lora_preset:str = 'lm' # LoRA targets (`cer_nb.lvlm.LORA_PRESETS`)
 
     def __post_init__(self):
         if self.method not in METHODS: raise ValueError(f"method={self.method!r}: expected one of {METHODS}")

@@ -17,7 +17,7 @@ from .core import LabelSet, LABEL_SETS, find_label, map_items, BatchResult, Item
 from .images import load_image
 from .align import align_face
 from .prompts import prompt_text, DEFAULT_VARIANT, PROMPT_VARIANTS
-from .lvlm import family_of, uses_mrope
+from .lvlm import family_of, uses_mrope, rope_index, unwrap
 from .model import load_lvlm, AnswerCollator, merge_adapters, render, encode, per_token_keys, image_keys
 from .runs import read_run, base_fingerprint, RUN_INFO, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -76,11 +76,6 @@ def scoring_mask(prompt_mask:torch.Tensor, # (n, prompt length) padding mask of 
     return torch.zeros(seen.shape, dtype=dtype, device=dev).masked_fill(~seen, torch.finfo(dtype).min)
 
 # %% ../nbs/06_infer.ipynb 18
-def _rope_index(model):
-    "The model's own `get_rope_index` (M-RoPE), wherever inside any wrapper it lives."
-    m = model.get_base_model() if hasattr(model, 'get_base_model') else model
-    return getattr(m, 'get_rope_index', None) or m.model.get_rope_index
-
 def prompt_positions(model, # the LVLM
                      batch:BatchFeature, # a left-padded `prompt_batch`
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +84,7 @@ def prompt_positions(model, # the LVLM
     if not uses_mrope(model):
         pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
         return pos, torch.full((len(ids),), ids.shape[1], device=ids.device)
-    rope = _rope_index(model)
+    rope = rope_index(model)
     pos = rope(**{k: v for k, v in batch.items() if k in inspect.signature(rope).parameters})[0]
     return pos, pos.amax((0, 2)) + 1
 
@@ -120,8 +115,7 @@ def _masked_scores(model, b:BatchFeature, cands:dict) -> torch.Tensor:
 # %% ../nbs/06_infer.ipynb 23
 def _cache_kwarg(model) -> str:
     "The forward argument that takes a KV cache: `cache` in recent transformers, `past_key_values` before."
-    m = model.get_base_model() if hasattr(model, 'get_base_model') else model
-    return 'cache' if 'cache' in inspect.signature(type(m).forward).parameters else 'past_key_values'
+    return 'cache' if 'cache' in inspect.signature(type(unwrap(model)).forward).parameters else 'past_key_values'
 
 def _cached_scores(model, b:BatchFeature, cands:dict) -> torch.Tensor:
     "(n, k) label log-likelihoods from the prompt's KV cache, repeated for every label."
@@ -300,6 +294,14 @@ def clear_checkpoints():
     _LOADED.clear()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
 
+def _load(info:dict, device:str, dtype='auto', merge:bool=True):
+    "`(model, processor, info)` of the checkpoint `info` (from `checkpoint_info`) describes, on `device` (resolved), loaded once and cached."
+    key = (info['path'], info['base_model'], device, str(dtype), merge)
+    if key not in _LOADED:
+        model, processor = load_lvlm(info['base_model'], dtype=dtype, device_map=device, max_pixels=info['max_pixels'])
+        _LOADED[key] = ((_with_adapters(model, info, merge) if info['path'] else model).eval(), processor, info)
+    return _LOADED[key]
+
 def load_checkpoint(checkpoint, # a run directory, a peft adapter folder, a base model folder, or a Hub id
                     device:str|None=None, # e.g. 'cuda', 'cpu'; None: the GPU if there is one
                     dtype='auto', # see `cer_nb.model.load_lvlm`
@@ -307,12 +309,7 @@ def load_checkpoint(checkpoint, # a run directory, a peft adapter folder, a base
                     base_model:str|None=None, # the base model to use instead of the one the checkpoint names (e.g. it moved)
                    ):
     "`(model, processor, info)` of `checkpoint`, loaded once and cached; `info` is `checkpoint_info`'s description."
-    info, device = checkpoint_info(checkpoint, base_model), resolve_device(device)
-    key = (info['path'], info['base_model'], device, str(dtype), merge)
-    if key not in _LOADED:
-        model, processor = load_lvlm(info['base_model'], dtype=dtype, device_map=device, max_pixels=info['max_pixels'])
-        _LOADED[key] = ((_with_adapters(model, info, merge) if info['path'] else model).eval(), processor, info)
-    return _LOADED[key]
+    return _load(checkpoint_info(checkpoint, base_model), resolve_device(device), dtype, merge)
 
 # %% ../nbs/06_infer.ipynb 70
 @dataclass
@@ -410,6 +407,6 @@ def predict(images, # one face or a list: paths, PIL images (any mode), numpy ar
         faces = _read_faces(items[start:start + batch_size], start, align, strict)
         failures += faces.failures
         if not faces: continue
-        loaded = loaded or load_checkpoint(checkpoint, device, base_model=base_model)
+        loaded = loaded or _load(info, device)  # the model once, on the first batch with a readable face; `info` is not read again
         for i, p in zip(faces.indices, _answers(*loaded, list(faces), labels, method, variant, length)): preds[i] = p
     return _predictions(preds, failures)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 # %% auto 0
 __all__ = ['FAMILIES', 'LORA_PRESETS', 'Family', 'family_of', 'torchvision_available', 'image_only_processor', 'load_processor',
-           'lora_targets', 'uses_mrope']
+           'unwrap', 'lora_targets', 'rope_index', 'uses_mrope']
 
 # %% ../nbs/02a_lvlm.ipynb 4
 import transformers
@@ -20,7 +20,6 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PretrainedCon
 @dataclass(frozen=True)
 class Family:
     "The facts about one LVLM family that cannot be derived from its checkpoint."
-    model_types: tuple[str, ...]  # `config.model_type` values of the family
     processor: str  # the stock transformers processor class
     image_processor: str  # its PIL image processor class, which works without torchvision
     image_cap: dict = field(hash=False)  # image-processor settings applied at load: a 100×100 face costs tens of tokens
@@ -32,17 +31,17 @@ class Family:
 def _pixels(lo:int, hi:int) -> dict: return {'size': {'shortest_edge': lo, 'longest_edge': hi}}
 
 FAMILIES = {
-    'qwen2_vl': Family(('qwen2_vl',), 'Qwen2VLProcessor', 'Qwen2VLImageProcessorPil', _pixels(56*56, 224*224)),
-    'qwen2_5_vl': Family(('qwen2_5_vl',), 'Qwen2_5_VLProcessor', 'Qwen2VLImageProcessorPil', _pixels(56*56, 224*224)),
-    'qwen3_vl': Family(('qwen3_vl',), 'Qwen3VLProcessor', 'Qwen2VLImageProcessorPil', _pixels(256*256, 256*256)),
-    'internvl': Family(('internvl',), 'InternVLProcessor', 'GotOcr2ImageProcessorPil', {'crop_to_patches': False, 'max_patches': 1}),
-    'llava_onevision': Family(('llava_onevision',), 'LlavaOnevisionProcessor', 'LlavaOnevisionImageProcessorPil', {'image_grid_pinpoints': [[384, 384]]}),
-    'llava': Family(('llava',), 'LlavaProcessor', 'CLIPImageProcessorPil', {}),
-    'gemma3': Family(('gemma3',), 'Gemma3Processor', 'Gemma3ImageProcessorPil', {'do_pan_and_scan': False}, bidirectional='image', scoring='cache'),
-    'idefics3': Family(('idefics3',), 'Idefics3Processor', 'Idefics3ImageProcessorPil', {'do_image_splitting': False}),
-    'smolvlm': Family(('smolvlm',), 'SmolVLMProcessor', 'SmolVLMImageProcessorPil', {'do_image_splitting': False}, needs=('num2words',)),
-    'paligemma': Family(('paligemma',), 'PaliGemmaProcessor', 'SiglipImageProcessorPil', {}, bidirectional='prefix', scoring='cache'),
-    'mistral3': Family(('mistral3',), 'PixtralProcessor', 'PixtralImageProcessorPil', {'size': {'longest_edge': 224}}),
+    'qwen2_vl': Family('Qwen2VLProcessor', 'Qwen2VLImageProcessorPil', _pixels(56*56, 224*224)),
+    'qwen2_5_vl': Family('Qwen2_5_VLProcessor', 'Qwen2VLImageProcessorPil', _pixels(56*56, 224*224)),
+    'qwen3_vl': Family('Qwen3VLProcessor', 'Qwen2VLImageProcessorPil', _pixels(256*256, 256*256)),
+    'internvl': Family('InternVLProcessor', 'GotOcr2ImageProcessorPil', {'crop_to_patches': False, 'max_patches': 1}),
+    'llava_onevision': Family('LlavaOnevisionProcessor', 'LlavaOnevisionImageProcessorPil', {'image_grid_pinpoints': [[384, 384]]}),
+    'llava': Family('LlavaProcessor', 'CLIPImageProcessorPil', {}),
+    'gemma3': Family('Gemma3Processor', 'Gemma3ImageProcessorPil', {'do_pan_and_scan': False}, bidirectional='image', scoring='cache'),
+    'idefics3': Family('Idefics3Processor', 'Idefics3ImageProcessorPil', {'do_image_splitting': False}),
+    'smolvlm': Family('SmolVLMProcessor', 'SmolVLMImageProcessorPil', {'do_image_splitting': False}, needs=('num2words',)),
+    'paligemma': Family('PaliGemmaProcessor', 'SiglipImageProcessorPil', {}, bidirectional='prefix', scoring='cache'),
+    'mistral3': Family('PixtralProcessor', 'PixtralImageProcessorPil', {'size': {'longest_edge': 224}}),
 }
 
 # %% ../nbs/02a_lvlm.ipynb 14
@@ -51,9 +50,8 @@ def family_of(obj) -> Family:
     if isinstance(obj, (str, Path)): obj = AutoConfig.from_pretrained(obj)
     while not isinstance(obj, PretrainedConfig) and hasattr(obj, 'config'): obj = obj.config
     mt = getattr(obj, 'model_type', None)
-    for f in FAMILIES.values():
-        if mt in f.model_types: return f
-    raise ValueError(f"model type {mt!r} is not supported; supported: {', '.join(t for f in FAMILIES.values() for t in f.model_types)}")
+    if mt in FAMILIES: return FAMILIES[mt]
+    raise ValueError(f"model type {mt!r} is not supported; supported: {', '.join(FAMILIES)}")
 
 # %% ../nbs/02a_lvlm.ipynb 17
 def torchvision_available() -> bool:
@@ -121,7 +119,7 @@ def _with_max_pixels(name:str, family:Family, max_pixels:int|None) -> dict:
     if max_pixels is None: return cap
     if {'shortest_edge', 'longest_edge'} <= set(size): size = {'shortest_edge': min(size['shortest_edge'], max_pixels), 'longest_edge': max_pixels}
     elif set(size) == {'longest_edge'}: size = {'longest_edge': math.isqrt(max_pixels)}
-    else: raise ValueError(f"max_pixels={max_pixels} does not apply to {name!r} ({family.model_types[0]}): its processor resizes every "
+    else: raise ValueError(f"max_pixels={max_pixels} does not apply to {name!r} ({family.processor}): its processor resizes every "
                            f"image to the vision tower's fixed input size; leave max_pixels=None")
     return {**cap, 'size': size}
 
@@ -161,7 +159,7 @@ def load_processor(name_or_path, # Hub id or local folder of the checkpoint
 # %% ../nbs/02a_lvlm.ipynb 39
 LORA_PRESETS = ('lm', 'lm+vision', 'vision')
 
-def _unwrap(model):
+def unwrap(model):
     "The transformers model inside any peft wrapper."
     return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
@@ -172,7 +170,7 @@ def lora_targets(model, # a transformers LVLM, peft-wrapped or not
     "Full names of the `nn.Linear` layers LoRA adapts under `preset`, for peft's `LoraConfig(target_modules=...)`."
     from torch import nn
     if preset not in LORA_PRESETS: raise ValueError(f"unknown LoRA preset {preset!r}; expected one of {LORA_PRESETS}")
-    model = _unwrap(model)
+    model = unwrap(model)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     in_lm = {id(m) for m in decoder.modules()}
     names = {'lm': [], 'vision': []}
@@ -182,7 +180,11 @@ def lora_targets(model, # a transformers LVLM, peft-wrapped or not
     return names['lm'] + names['vision'] if preset == 'lm+vision' else names[preset]
 
 # %% ../nbs/02a_lvlm.ipynb 45
+def rope_index(model):
+    "The model's own `get_rope_index` (M-RoPE), inside any peft wrapper; None for a model with 1-D positions."
+    model = unwrap(model)
+    return next((m.get_rope_index for m in (model, getattr(model, 'model', None)) if hasattr(m, 'get_rope_index')), None)
+
 def uses_mrope(model) -> bool:
     "Whether `model` (inside any peft wrapper) positions tokens with M-RoPE (it has `get_rope_index`)."
-    model = _unwrap(model)
-    return any(hasattr(m, 'get_rope_index') for m in (model, getattr(model, 'model', None)) if m is not None)
+    return rope_index(model) is not None

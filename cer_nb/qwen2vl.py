@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from .core import LABEL_SETS, write_atomic, write_json
 from .prompts import PROMPT_VARIANTS, prompt_text, chat_messages, label_cues
-from .replicas import QWEN2VL_CHAT_TEMPLATE, QWEN2_TOKENS
+from .replicas import QWEN2VL_CHAT_TEMPLATE, QWEN2VL_IMAGE, QWEN2_TOKENS
 
 # %% auto 0
 __all__ = ['QWEN_RANKS_SHA256', 'QWEN_RANKS_COUNT', 'QWEN2_PRETOKENIZE_REGEX', 'QWEN2VL_SPECIAL_IDS', 'QWEN2VL_TOKENIZER_KWARGS',
@@ -154,9 +154,7 @@ QWEN2VL_2B_CONFIG = {
     'rope_scaling': {'type': 'mrope', 'mrope_section': [16, 24, 24]}, 'vocab_size': 151936}
 QWEN2VL_2B_GENERATION_CONFIG = {'bos_token_id': 151643, 'pad_token_id': 151643, 'do_sample': True, 'eos_token_id': [151645, 151643],
                                 'repetition_penalty': 1.0, 'temperature': 0.01, 'top_p': 0.001, 'top_k': 1, 'transformers_version': '4.37.0'}
-QWEN2VL_PREPROCESSOR_CONFIG = {'min_pixels': 3136, 'max_pixels': 12845056, 'patch_size': 14, 'temporal_patch_size': 2, 'merge_size': 2,
-                               'image_mean': [0.48145466, 0.4578275, 0.40821073], 'image_std': [0.26862954, 0.26130258, 0.27577711],
-                               'image_processor_type': 'Qwen2VLImageProcessor', 'processor_class': 'Qwen2VLProcessor'}
+QWEN2VL_PREPROCESSOR_CONFIG = {**QWEN2VL_IMAGE, 'processor_class': 'Qwen2VLProcessor'}  # the tiny replica's settings are the Hub's
 
 # %% ../nbs/02c_qwen2vl.ipynb 44
 QWEN2VL_2B_PARAMS = dict(

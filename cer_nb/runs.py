@@ -9,7 +9,7 @@ from collections import Counter
 from importlib import metadata
 from contextlib import contextmanager
 from pathlib import Path
-from .core import write_json, is_hub_id
+from .core import write_json, is_hub_id, hub_revision
 
 # %% auto 0
 __all__ = ['RUN_INFO', 'LOG_HISTORY', 'TRAIN_ROWS', 'CHECKPOINTS', 'RECIPE', 'RECIPE_KEYS', 'ADAPTER_CONFIG', 'ADAPTER_WEIGHTS',
@@ -85,6 +85,8 @@ def file_digest(path) -> str:
         h.update(str(size).encode()); h.update(f.read(SAMPLE)); f.seek(size - SAMPLE); h.update(f.read(SAMPLE))
         return 'ends-sha256:' + h.hexdigest()[:16]
 
+def _digest_json(obj) -> str: return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
 # %% ../nbs/03b_runs.ipynb 22
 def _identity(rows:dict) -> list[tuple]:
     "Each row as what it teaches — label, image content, prompt — without its path (a copied dataset is the same data)."
@@ -105,15 +107,9 @@ def data_fingerprint(train, # the training rows: a table with `path` and `label`
     paths, labels = [str(p) for p in train['path']], [str(l) for l in train['label']]
     rows = {'path': paths, 'label': labels, 'digest': [_image_digest(p, i) for i, p in enumerate(paths)]}
     if prompts is not None: rows['prompt'] = [hashlib.sha256(q.encode()).hexdigest()[:16] for q in prompts]
-    return {'rows': len(paths), 'sha256': hashlib.sha256(json.dumps(_identity(rows)).encode()).hexdigest()[:16]}, rows
+    return {'rows': len(paths), 'sha256': _digest_json(_identity(rows))}, rows
 
 # %% ../nbs/03b_runs.ipynb 25
-def _cached_revision(repo_id:str, cache_dir=None) -> str|None:
-    "The commit of Hub model `repo_id` in the local Hugging Face cache; None if it is not cached."
-    from huggingface_hub import try_to_load_from_cache  # no torch; only needed for Hub ids
-    f = try_to_load_from_cache(repo_id, 'config.json', cache_dir=cache_dir)
-    return Path(f).parent.name if isinstance(f, str) else None
-
 def base_fingerprint(base_model:str) -> dict:
     "What identifies a base model: the digest of every file of a local folder, or a Hub id and its locally cached revision."
     p = Path(base_model).expanduser()
@@ -122,11 +118,9 @@ def base_fingerprint(base_model:str) -> dict:
         return {'files': {f.relative_to(p).as_posix(): file_digest(f) for f in files}}
     if p.exists() or not is_hub_id(base_model):
         raise FileNotFoundError(f"no base model at {base_model} (neither a folder nor a Hub id like 'Qwen/Qwen2-VL-2B-Instruct')")
-    return {'hub_id': str(base_model), 'revision': _cached_revision(str(base_model))}
+    return {'hub_id': str(base_model), 'revision': hub_revision(str(base_model))}
 
 # %% ../nbs/03b_runs.ipynb 28
-def _digest_json(obj) -> str: return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
 def init_fingerprint(init_from) -> dict|None:
     "What identifies the finished run a stage starts from: its adapter's digest and its recipe's; None without one."
     if not init_from: return None

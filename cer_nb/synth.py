@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import cv2
 from PIL import Image
-from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, COMPONENTS, canonical_label, write_atomic
+from .core import RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, COMPONENTS, canonical_label, write_atomic, write_json
 from .align import canonical_landmarks, similarity_transform, transform_points
 import hashlib
 from .data import RAFDB_LABEL_FILE, ABAW_CLASS_NAMES, AFFECTNET_CLASSES, AFFECTNET_COLUMNS, AFFECTNET_FILES, AFFECTNET_TO_RAFDB, AFFWILD2_EXPR
@@ -475,7 +475,7 @@ def _split_labels(counts:dict, test_fraction:float, rng) -> dict[str, list[str]]
 
 # %% ../nbs/00b_synth.ipynb 68
 def _build_dataset(root:Path, marker:str, params:dict, parts:tuple, build) -> Path:
-    "Run `build(folder)` in a hidden folder inside `root`, then move `parts` and `marker` into `root`, unless `root` is already complete."
+    "Run `build(folder)` in a hidden folder inside `root`, write `params` to `marker` there, then move `parts` and `marker` into `root`, unless `root` is already complete."
     root = Path(root); done = lambda: (root/marker).exists() and json.loads((root/marker).read_text()) == params
     if done(): return root
     if not (root/marker).exists() and any((root/p).exists() for p in parts):
@@ -483,7 +483,7 @@ def _build_dataset(root:Path, marker:str, params:dict, parts:tuple, build) -> Pa
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=root, prefix='.building-'))
     try:
-        build(work)
+        build(work); write_json(params, work/marker)  # the marker: what made the set
         if not done():  # a concurrent identical build may have finished first
             (root/marker).unlink(missing_ok=True)
             for p in parts:
@@ -555,7 +555,6 @@ def make_synthetic_rafdb(root:str|Path, # folder to write (created if missing)
                     lines.append(f'{name} {labels.id_of(label)}\n')
             write_atomic(out/subset/RAFDB_LABEL_FILE, ''.join(lines))
         write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
-        write_atomic(out/'synthetic_rafdb.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_rafdb.json', params, (*_RAFDB_SUBSETS, 'synthetic_meta.csv'), build)
 
 # %% ../nbs/00b_synth.ipynb 95
@@ -635,7 +634,6 @@ def make_synthetic_cexpr(root:str|Path, # folder to write (created if missing)
             if writer is not None: writer.release()
             write_atomic(out/'annotations'/f'{name}.txt', header + '\n' + ''.join(f'{c}\n' for c in labels))
         write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
-        write_atomic(out/'synthetic_cexpr.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_cexpr.json', params, ('videos', 'cropped_aligned', 'annotations', 'synthetic_meta.csv'), build)
 
 # %% ../nbs/00b_synth.ipynb 104
@@ -694,7 +692,6 @@ def make_synthetic_affectnet(root:str|Path, # folder to write (created if missin
                 rows.append(dict(split=split, name=name, label=pic['label'], aus=json.dumps(pic['aus']), box=pic['box'], **{k: round(v, 3) for k, v in pic['pose'].items()}))
             write_atomic(out/'Manually_Annotated_file_lists'/AFFECTNET_FILES[split], '\n'.join(lines) + '\n')
         write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
-        write_atomic(out/'synthetic_affectnet.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_affectnet.json', params, ('Manually_Annotated_file_lists', 'Manually_Annotated_Images', 'synthetic_meta.csv'), build)
 
 # %% ../nbs/00b_synth.ipynb 112
@@ -728,5 +725,4 @@ def make_synthetic_affwild2(root:str|Path, # folder to write (created if missing
                 rows.append(dict(video=name, split=split, frame=t + 1, label=labels[-1], has_image=not missing[t], **info))
             write_atomic(ann/split/f'{name}.txt', ','.join(AFFWILD2_EXPR) + '\n' + ''.join(f'{c}\n' for c in labels))
         write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
-        write_atomic(out/'synthetic_affwild2.json', json.dumps(params))
     return _build_dataset(root, 'synthetic_affwild2.json', params, ('cropped_aligned', 'Annotations', 'synthetic_meta.csv'), build)

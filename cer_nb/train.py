@@ -21,7 +21,6 @@ from .lvlm import LORA_PRESETS
 from .model import load_lvlm, AnswerCollator, PreparedExamples, lora_config, merge_adapters
 from .runs import LOG_HISTORY, CHECKPOINTS, TRAINER_STATE, ADAPTER_WEIGHTS, read_run_info, checkpoint_state
 from .runs import run_recipe, base_fingerprint, finished_run, resume_point, start_run, full_disk_reported, write_run
-from .runs import RUN_INFO, git_commit  # not used here: importable from cer_nb.train until callers import them from cer_nb.runs
 
 # %% auto 0
 __all__ = ['SCHEDULERS', 'DTYPES', 'PRESETS', 'StageConfig', 'FaceDataset', 'stage_model', 'train_stage', 'stage2_config',
@@ -67,7 +66,7 @@ class StageConfig:
     init_from: str|None = None  # run directory of the previous stage (stage 2 starts from stage 1's adapter)
     init_mode: str = 'continue'  # 'continue' training that adapter, or 'merge' it into the base and add a new one
     variant: str = 'context'  # prompt variant (`cer_nb.prompts.PROMPT_VARIANTS`)
-    lora_preset: str = 'lm'  # LoRA targets (`cer_nb.model.LORA_PRESETS`)
+    lora_preset: str = 'lm'  # LoRA targets (`cer_nb.lvlm.LORA_PRESETS`)
     lora_r: int = 16  # LoRA rank (≥ 1)
     lora_alpha: int|None = None  # LoRA alpha (≥ 1; default 2*r)
     lora_dropout: float = 0.05  # LoRA dropout, in [0, 1)
