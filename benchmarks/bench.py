@@ -2,15 +2,21 @@
 
 Compared, side by side in one run, each measurement in its own fresh process, trials interleaved (A, B, B, A, ...):
 
-1. training throughput of one stage: `cer_nb.train.train_stage` vs TRL's `SFTTrainer` set up as TRL's documentation
-   shows for vision-language models (a dataset of `messages` + `images`, `processing_class=processor`, TRL's own
-   vision-language collator), on the same model, data, batch size and LoRA settings;
-2. evaluation: scoring every candidate label (`label_logprobs`) vs generate-and-parse (`generate_answers` +
-   `find_label`) on the same test split with the same trained adapter: images/s, accuracy, unparseable rate,
-   forward passes per batch; and the floor both share (preparing the batch and running the prompt once);
+1. training throughput of one stage: `cer_nb.train.train_stage` (prompt layout `--layout`, the prefix every row shares
+   computed once per batch) vs TRL's `SFTTrainer` set up as TRL's documentation shows for vision-language models (a
+   dataset of `messages` + `images`, `processing_class=processor`, TRL's own vision-language collator), on the same
+   model, data, prompt, batch size and LoRA settings; and `cer_nb-unshared`: cer_nb as it was (image first, no sharing);
+2. evaluation: scoring every candidate label (`label_logprobs`, shared prefix) vs generate-and-parse (`generate_answers`
+   + `find_label`) on the same test split, prompt and trained adapter: images/s, accuracy, unparseable rate, forward
+   passes per batch; `score-unshared` (every face runs the whole prompt); and two floors: `floor` (the whole prompt
+   once per face, as any reader that does not share it must) and `floor-face` (only the per-face work: each face's
+   image and question on top of the shared prefix, computed once for the evaluation);
 3. `predict`: latency for one image and throughput for a batch, on a loaded model;
 4. peak memory of each (peak resident set size of the measuring process, `ru_maxrss`);
-5. how each grows with the work: dataset size, image resolution (visual tokens), number of candidate labels.
+5. how each grows with the work: dataset size, image resolution (visual tokens), number of candidate labels, batch
+   size, prompt length (variants bare / options / context / cues);
+6. `--only 2b`: the same shared-vs-unshared comparisons on the real-dimension Qwen2-VL-2B-Instruct replica (random
+   weights) on this machine: seconds per training step, images/s of scoring, peak memory (a slow arm: minutes).
 
 Any supported family (`--family`, a `model_type` of `cer_nb.lvlm.FAMILIES`): qwen2_vl, the default, runs the pre-trained tiny
 Qwen2-VL shipped in cer_nb/assets; every other family its tiny replica (`cer_nb.replicas.make_tiny_replica`), whose weights are
@@ -22,6 +28,7 @@ Usage (from the repository root):
     python benchmarks/bench.py --quick --family gemma3     # the same on Gemma 3's tiny replica (random weights)
     python benchmarks/bench.py                             # the full run, ~18 min on 2 CPU cores
     python benchmarks/bench.py --device cuda --model-size 2b   # on a GPU: Qwen2-VL-2B-Instruct replica, random weights, bf16
+    python benchmarks/bench.py --only 2b                   # the 2B replica on this CPU: shared vs unshared (~15 min on 2 cores)
     python benchmarks/bench.py --check-2b                  # build the 2B config on the meta device and count its parameters
 Results: a table on stdout and benchmarks/results/<machine-tag>.json (written atomically).
 """
@@ -32,12 +39,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCHEMA = 1
 DEFAULT_FAMILY = 'qwen2_vl'  # the family of the pre-trained tiny model shipped in cer_nb/assets
-PARTS = {'train', 'eval', 'predict', 'scaling'}  # what --only may name
+PARTS = {'train', 'eval', 'predict', 'scaling', '2b'}  # what --only may name
 # What a full run and a --quick run measure. Quick: one trial, a few steps and faces, no scaling unless --only names it.
 SIZES = {'full': dict(trials=5, steps=70, adapter_steps=250, parts='train,eval,predict,scaling', n_test=None, latency_reps=30, n_batch=64,
-                      resolutions=(100, 200, 300), resolution_steps=24, n_train=(140, 280, 560), n_scaling_test=64, n_eval=(32, 64, 140)),
+                      resolutions=(100, 200, 300), resolution_steps=24, n_train=(140, 280, 560), n_scaling_test=64, n_eval=(32, 64, 140),
+                      steps_2b=4, n_test_2b=16),
          'quick': dict(trials=1, steps=6, adapter_steps=4, parts='train,eval,predict', n_test=32, latency_reps=5, n_batch=16,
-                       resolutions=(100, 200), resolution_steps=6, n_train=(140, 280), n_scaling_test=32, n_eval=(16, 32))}
+                       resolutions=(100, 200), resolution_steps=6, n_train=(140, 280), n_scaling_test=32, n_eval=(16, 32), steps_2b=2, n_test_2b=8)}
 # Peak dense bf16 tensor throughput (TFLOP/s) of GPUs by name, for model FLOPs utilisation; override with --peak-tflops.
 PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0, 'A10': 125.0, 'T4': 65.0}
 
@@ -212,7 +220,7 @@ def _train_summary(spec, clock, n_steps, extra):
                 first_step_s=clock.steps[0] - clock.t0, **extra)
 
 def work_train(spec) -> dict:
-    "One training run of `spec['arm']` ('cer_nb' or 'trl'): throughput, memory."
+    "One training run of `spec['arm']` ('cer_nb', 'cer_nb-unshared' or 'trl'): throughput, memory."
     _setup_worker(spec)
     from cer_nb.core import LABEL_SETS
     from cer_nb.model import load_lvlm, lora_config
@@ -221,11 +229,13 @@ def work_train(spec) -> dict:
     work = Path(tempfile.mkdtemp(prefix='cer_nb_bench_'))
     clock, rss0 = _step_clock(), None
     try:
-        if spec['arm'] == 'cer_nb':
+        if spec['arm'].startswith('cer_nb'):
             from cer_nb.train import StageConfig, train_stage
             from cer_nb.runs import read_run_info
+            shared = spec['arm'] == 'cer_nb'  # cer_nb-unshared: the same prompt, every row running all of it
             cfg = StageConfig(spec['base'], labels=spec['labels'], stage='bench', image_size=px, max_pixels=spec['max_pixels'],
-                              max_steps=spec['steps'], batch_size=spec['batch_size'], lr=spec['lr'], dtype=dtype,
+                              max_steps=spec['steps'], batch_size=spec['batch_size'], lr=spec['lr'], dtype=dtype, variant=spec['variant'],
+                              layout=spec['layout'], share_prefix=shared,
                               save_steps=10**6, logging_steps=10, seed=spec['seed'])
             rss0 = rss_mb()
             run = train_stage(cfg, train, work/'run', progress=False, callbacks=[clock])
@@ -239,7 +249,7 @@ def work_train(spec) -> dict:
             set_seed(spec['seed'])
             lo = stage_lora()
             ds = Dataset.from_dict({'images': [[p] for p in train.path],
-                                    'messages': [chat_messages(labels, 'context', answer=l) for l in train.label]})
+                                    'messages': [chat_messages(labels, spec['variant'], answer=l, layout=spec['layout']) for l in train.label]})
             ds = ds.cast_column('images', List(HFImage()))
             model, processor = load_lvlm(spec['base'], dtype=dtype, max_pixels=spec['max_pixels'])
             # the settings train_stage uses; SFTConfig's own defaults would also turn on gradient checkpointing and bf16
@@ -291,23 +301,33 @@ def _label_set(key):
     return LABEL_SETS[key]
 
 def work_eval(spec) -> dict:
-    "Classify the test split with `spec['arm']` ('score', 'generate', or 'floor': the prompt pass alone): images/s, accuracy, unparseable rate, passes, memory."
+    "Classify the test split with `spec['arm']` ('score', 'score-unshared', 'generate', or a floor): images/s, accuracy, unparseable rate, passes, memory."
     _setup_worker(spec)
     import torch
     from cer_nb.core import find_label
-    from cer_nb.infer import load_checkpoint, label_logprobs, generate_answers, prompt_batch
+    from cer_nb.infer import load_checkpoint, label_logprobs, generate_answers, prompt_batch, _shared_cache
+    from cer_nb.model import shared_prefix, positions, cache_kwarg, per_token_keys
     from cer_nb.lvlm import load_processor
     faces, truth = _load_faces(spec['test_csv'], spec.get('n_test'))
     labels = _label_set(spec['labels'])
     model, processor, info = load_checkpoint(spec['run'], device=spec['device'])
     if spec['max_pixels']: processor = load_processor(info['base_model'], max_pixels=spec['max_pixels'])  # more visual tokens at larger px
-    kw = dict(variant=info['variant'], image_size=spec['px'])
+    kw = dict(variant=spec['variant'], image_size=spec['px'], layout=spec['layout'])  # the prompt the adapter was trained on (2b: the base itself)
     rss0, bs, passes = rss_mb(), spec['batch_size'], []
     model.register_forward_pre_hook(lambda *_: passes.append(1))  # every forward pass of the model, whichever arm
     def classify(batch):
-        if spec['arm'] == 'score': return [labels[i] for i in label_logprobs(model, processor, batch, labels, **kw).argmax(-1).tolist()]
-        if spec['arm'] == 'floor':  # what any way of reading an answer must do: prepare the batch, run the prompt once
+        if spec['arm'].startswith('score'):
+            lp = label_logprobs(model, processor, batch, labels, share=spec['arm'] == 'score', **kw)
+            return [labels[i] for i in lp.argmax(-1).tolist()]
+        if spec['arm'] == 'floor':  # what a reader that does not share the prefix must do: prepare the batch, run the whole prompt once
             with torch.no_grad(): model(**prompt_batch(model, processor, batch, labels, **kw), use_cache=True, logits_to_keep=1)
+            return [None] * len(batch)
+        if spec['arm'] == 'floor-face':  # only the per-face work: each face's tokens on top of the prefix, computed once for the evaluation
+            b = prompt_batch(model, processor, batch, labels, **kw)
+            P, pos = shared_prefix(model, b), positions(model, b)
+            rest = {k: (v[:, P:] if k in ('input_ids', *per_token_keys(b)) else v) for k, v in b.items()}
+            if pos is not None: rest['position_ids'] = pos[..., P:]
+            with torch.no_grad(): model(**rest, **{cache_kwarg(model): _shared_cache(model, b, P, pos)}, use_cache=True, logits_to_keep=1)
             return [None] * len(batch)
         return [find_label(a, labels) for a in generate_answers(model, processor, batch, labels, **kw)]
     classify(faces[:bs])  # warm-up
@@ -317,7 +337,7 @@ def work_eval(spec) -> dict:
     for i in range(0, len(faces), bs): preds += classify(faces[i:i + bs])
     if spec['device'] == 'cuda': torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    floor = spec['arm'] == 'floor'  # reads no answer: no accuracy
+    floor = spec['arm'].startswith('floor')  # reads no answer: no accuracy
     acc = None if floor else sum(p == t for p, t in zip(preds, truth)) / len(truth)
     return dict(images_per_s=len(faces) / dt, seconds=dt, n_images=len(faces), accuracy=acc,
                 unparseable_rate=None if floor else sum(p is None for p in preds) / len(preds), n_labels=len(labels),
@@ -350,7 +370,8 @@ def work_adapter(spec) -> dict:
     from cer_nb.train import StageConfig, train_stage, PRESETS
     from cer_nb.runs import read_run_info
     preset = PRESETS['cpu-tiny'] if spec['device'] == 'cpu' else dict(dtype='bfloat16', batch_size=spec['batch_size'])
-    cfg = StageConfig(spec['base'], labels='rafdb_compound', stage='bench-adapter', max_steps=spec['steps'], save_steps=10**6, **preset)
+    cfg = StageConfig(spec['base'], labels='rafdb_compound', stage='bench-adapter', max_steps=spec['steps'], save_steps=10**6,
+                      layout=spec['layout'], variant=spec['variant'], **preset)
     run = train_stage(cfg, pd.read_csv(spec['train_csv']), spec['run'], progress=False)
     return dict(run=str(run), metrics=read_run_info(run)['metrics'])
 
@@ -411,17 +432,17 @@ def summarise(rows:list) -> list:
 
 def ratios(summary:list) -> list:
     "cer_nb's speed over the alternative's, for every experiment and x (medians)."
-    pairs = {'train': ('cer_nb', 'trl', 'samples_per_s'), 'eval': ('score', 'generate', 'images_per_s')}
+    pairs = {'2b': [('cer_nb', 'cer_nb-unshared', 'steady_samples_per_s'), ('score', 'score-unshared', 'images_per_s')],
+             'train': [('cer_nb', 'trl', 'samples_per_s'), ('cer_nb', 'cer_nb-unshared', 'samples_per_s')],
+             'eval': [('score', 'generate', 'images_per_s'), ('score', 'score-unshared', 'images_per_s'), ('score', 'floor-face', 'images_per_s')]}
     out, by = [], {(s['experiment'], s['arm'], s['x']): s for s in summary}
     for s in summary:
         kind = s['experiment'].split('/')[0]
-        if kind not in pairs or s['arm'] != pairs[kind][0]: continue
-        a, b, k = pairs[kind]
-        other = by.get((s['experiment'], b, s['x']))
-        if other and other.get(k):
-            out.append(dict(experiment=s['experiment'], x_name=s['x_name'], x=s['x'], faster=a, slower=b, metric=k,
-                            ratio=s[k] / other[k]))
-            if kind == 'train': out[-1]['steady_ratio'] = s['steady_samples_per_s'] / other['steady_samples_per_s']
+        for a, b, k in pairs.get(kind, []):
+            other = by.get((s['experiment'], b, s['x']))
+            if s['arm'] != a or not (other and other.get(k)): continue
+            out.append(dict(experiment=s['experiment'], x_name=s['x_name'], x=s['x'], faster=a, slower=b, metric=k, ratio=s[k] / other[k]))
+            if s.get('steady_samples_per_s') and other.get('steady_samples_per_s'): out[-1]['steady_ratio'] = s['steady_samples_per_s'] / other['steady_samples_per_s']
     return out
 
 def print_table(summary, rats):
@@ -453,6 +474,8 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=None, help='optimiser steps per training run (default: SIZES, 70 = 2 epochs; quick 6)')
     p.add_argument('--batch-size', type=int, default=16, help='training batch size (cer_nb cpu-tiny preset: 16)')
     p.add_argument('--eval-batch-size', type=int, default=8, help='faces per forward pass when evaluating')
+    p.add_argument('--layout', default='context-first', choices=['context-first', 'image-first'], help='prompt layout of every arm (cer_nb.prompts.LAYOUTS)')
+    p.add_argument('--variant', default='context', choices=['bare', 'options', 'context', 'cues'], help='prompt variant of every arm, but the prompt-length scaling')
     p.add_argument('--adapter-steps', type=int, default=None, help='steps of the adapter the evaluation uses (default: SIZES, 250; quick 4)')
     p.add_argument('--only', default=None, help='comma-separated parts to run, of train,eval,predict,scaling (default: SIZES, all; quick all but scaling)')
     p.add_argument('--work', default=os.path.join(tempfile.gettempdir(), 'cer_nb_bench'), help='cache of data, replicas and adapters')
@@ -480,7 +503,7 @@ def main(argv=None):
     parts = set((a.only or z['parts']).split(','))
     if parts - PARTS: p.error(f"--only {a.only}: unknown part(s) {', '.join(sorted(parts - PARTS))}; expected some of {', '.join(sorted(PARTS))}")
     info = machine_info(a.device)
-    tag = a.tag or machine_tag(info, a.family, a.model_size, a.quick)
+    tag = a.tag or machine_tag(info, a.family, '2b' if parts == {'2b'} else a.model_size, a.quick)
     work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
     t_start, load_start = time.time(), os.getloadavg()
     print(f"cer_nb benchmark -> {tag}: {info['cpu']} ({info['cores']} cores){', ' + info['gpu'] if info['gpu'] else ''}; "
@@ -491,7 +514,7 @@ def main(argv=None):
     random_note = '; accuracies mean nothing, speed and memory are what is measured' if model_info['random_weights'] else ''
     print(f"{a.family} ({a.model_size}): {model_info['weights']}{random_note}", flush=True)
     common = dict(device=a.device, threads=a.threads, family=a.family, base=model_info['base'], seed=0, labels='rafdb_compound',
-                  max_pixels=image_max_pixels(a.family, 100))
+                  max_pixels=image_max_pixels(a.family, 100), layout=a.layout, variant=a.variant)
     flops = a.device == 'cuda' and a.family == DEFAULT_FAMILY  # `train_step_flops` counts Qwen2-VL's layers
     train_spec = dict(common, kind='train', train_csv=csvs['train_100'], px=100, steps=steps, batch_size=a.batch_size,
                       lr=3e-3 if a.device == 'cpu' else 2e-4, flops=flops, peak_tflops=a.peak_tflops)
@@ -499,23 +522,23 @@ def main(argv=None):
     def measure(name, spec, arms, rounds=1, x=None, **kw):
         "`rounds` interleaved runs of `spec`, with `kw`, for each of `arms`, into `rows`."
         interleaved(name, {arm: dict(spec, arm=arm, **kw) for arm in arms}, rounds, rows, skipped, x)
-    train_arms, eval_arms = ('cer_nb', 'trl'), ('score', 'generate')
+    train_arms, eval_arms = ('cer_nb', 'cer_nb-unshared', 'trl'), ('score', 'score-unshared', 'generate')
     if 'train' in parts:
         print('training throughput (one stage):', flush=True)
         measure('train', train_spec, train_arms, trials)
     need_run = parts & {'eval', 'predict', 'scaling'}
-    run = work/f'adapter-{a.family}-{a.model_size}-{a.device}-{adapter_steps}'
-    adapter = run_worker(dict(common, kind='adapter', threads=2 if a.device == 'cpu' else 1, train_csv=csvs['train_100'],
+    run = work/f'adapter-{a.family}-{a.model_size}-{a.device}-{a.layout}-{a.variant}-{adapter_steps}'
+    adapter = run_worker(dict(common, kind='adapter', train_csv=csvs['train_100'],
                               steps=adapter_steps, batch_size=a.batch_size, run=str(run))) if need_run else None
     eval_spec = dict(common, kind='eval', run=str(run), test_csv=csvs['test_100'], px=100, batch_size=a.eval_batch_size, n_test=z['n_test'])
     if 'eval' in parts:
-        print('evaluation (label scoring vs generate-and-parse; floor: the prompt pass alone):', flush=True)
-        measure('eval', eval_spec, (*eval_arms, 'floor'), trials)
+        print('evaluation (label scoring vs generate-and-parse; floor: the whole prompt per face; floor-face: the per-face part alone):', flush=True)
+        measure('eval', eval_spec, (*eval_arms, 'floor', 'floor-face'), trials)
     if 'predict' in parts:
         print('predict on a loaded model:', flush=True)
         pspec = dict(common, kind='predict', run=str(run), test_csv=csvs['test_100'], batch_size=a.eval_batch_size,
                      latency_reps=z['latency_reps'], n_batch=z['n_batch'])
-        measure('predict', pspec, eval_arms, trials)
+        measure('predict', pspec, ('score', 'generate'), trials)
     if 'scaling' in parts:
         print('scaling:', flush=True)
         n_test = z['n_scaling_test']
@@ -533,6 +556,17 @@ def main(argv=None):
             measure('eval/dataset_size', eval_spec, eval_arms, x=('n_test', n), n_test=n)
         for bs in (1, 8, 32):
             measure('eval/batch_size', eval_spec, eval_arms, x=('batch_size', bs), n_test=n_test, batch_size=bs)
+        for v in ('bare', 'options', 'context', 'cues'):  # the adapter learnt the --variant prompt: accuracies of the others mean little
+            measure('eval/prompt', eval_spec, eval_arms, x=('variant', v), variant=v, n_test=n_test)
+            measure('train/prompt', train_spec, train_arms, x=('variant', v), variant=v, steps=min(steps, z['resolution_steps']))
+    if '2b' in parts:  # the real-dimension replica, random weights: one trial of a few steps and faces, one process at a time
+        big = base_model(DEFAULT_FAMILY, '2b', work)
+        print(f"Qwen2-VL-2B replica ({big['weights']}):", flush=True)
+        bspec = dict(common, family=DEFAULT_FAMILY, base=big['base'], max_pixels=image_max_pixels(DEFAULT_FAMILY, 100), flops=flops, peak_tflops=a.peak_tflops)
+        measure('2b/train', dict(bspec, kind='train', train_csv=csvs['train_100'], px=100, steps=z['steps_2b'], batch_size=2,
+                                 lr=2e-4), ('cer_nb', 'cer_nb-unshared'))
+        measure('2b/eval', dict(bspec, kind='eval', run=big['base'], test_csv=csvs['test_100'], px=100, batch_size=a.eval_batch_size,
+                                n_test=z['n_test_2b']), ('score', 'score-unshared'))
     summary = summarise(rows)
     rats = ratios(summary)
     result = dict(schema=SCHEMA, tag=tag, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),

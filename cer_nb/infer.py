@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_infer.ipynb 3
 from __future__ import annotations
-import inspect, json, numbers, re, warnings, weakref
+import copy, inspect, json, numbers, re, warnings, weakref
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -16,9 +16,10 @@ from transformers import BatchFeature
 from .core import LabelSet, LABEL_SETS, find_label, map_items, BatchResult, ItemFailure, check_model_ref
 from .images import load_image
 from .align import align_face
-from .prompts import prompt_text, DEFAULT_VARIANT, PROMPT_VARIANTS
-from .lvlm import family_of, uses_mrope, rope_index, unwrap
+from .prompts import stage_prompt, DEFAULT_VARIANT, PROMPT_VARIANTS, DEFAULT_LAYOUT, LAYOUTS
+from .lvlm import family_of, uses_mrope, unwrap
 from .model import load_lvlm, AnswerCollator, merge_adapters, render, encode, per_token_keys, image_keys
+from .model import shared_prefix, prefix_cache, positions, cache_kwarg, output_cache
 from .runs import read_run, base_fingerprint, RUN_INFO, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # %% auto 0
@@ -33,10 +34,11 @@ def prompt_batch(model, # the LVLM (its device receives the batch)
                  labels:LabelSet, # the classes the prompt lists
                  variant:str=DEFAULT_VARIANT, # prompt variant, see `cer_nb.prompts`
                  image_size:int|None=None, # resize faces to this square size first, as training did (None: keep)
+                 layout:str=DEFAULT_LAYOUT, # prompt layout, see `cer_nb.prompts.LAYOUTS`
                 ) -> BatchFeature:
     "Left-padded batch of the question about each face, ending where the answer begins."
     prepare = AnswerCollator(processor, image_size=image_size).image  # the resize training used
-    question = render(processor, prompt_text(labels, variant))
+    question = render(processor, stage_prompt(labels, variant, layout))
     return encode(processor, [prepare(im) for im in images], [question] * len(images), padding_side='left').to(model.device)
 
 # %% ../nbs/06_infer.ipynb 12
@@ -84,8 +86,7 @@ def prompt_positions(model, # the LVLM
     if not uses_mrope(model):
         pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
         return pos, torch.full((len(ids),), ids.shape[1], device=ids.device)
-    rope = rope_index(model)
-    pos = rope(**{k: v for k, v in batch.items() if k in inspect.signature(rope).parameters})[0]
+    pos = positions(model, batch)
     return pos, pos.amax((0, 2)) + 1
 
 # %% ../nbs/06_infer.ipynb 20
@@ -99,24 +100,40 @@ def _gather(logits:torch.Tensor, ids:torch.Tensor, mask:torch.Tensor) -> torch.T
     return (lp * mask[:, 1:]).sum(-1)
 
 # %% ../nbs/06_infer.ipynb 21
-def _masked_scores(model, b:BatchFeature, cands:dict) -> torch.Tensor:
-    "(n, k) label log-likelihoods in one forward pass with `scoring_mask`."
+_PREFIXES = weakref.WeakKeyDictionary()  # model -> (what made it, the shared prefix's cache on one row): the last prompt's
+
+def _weights_key(model) -> tuple:
+    "What identifies the model's weights now: each parameter and its in-place version (every optimiser step bumps it)."
+    return tuple((id(p), p._version) for p in model.parameters())
+
+def _shared_cache(model, b:BatchFeature, P:int, pos:torch.Tensor|None):
+    "`prefix_cache` of the batch's shared `P` tokens for every row, computed once per evaluation: reused while the prefix and the weights are the same."
+    key = (tuple(b['input_ids'][0, :P].tolist()), _weights_key(model))
+    if _PREFIXES.get(model, (None,))[0] != key:
+        one = {k: b[k][:1] for k in ['input_ids', *per_token_keys(b)]}
+        _PREFIXES[model] = (key, prefix_cache(model, one, P, None if pos is None else pos[..., :1, :]))
+    cache = copy.deepcopy(_PREFIXES[model][1])
+    cache.batch_repeat_interleave(len(b['input_ids']))
+    return cache
+
+# %% ../nbs/06_infer.ipynb 22
+def _masked_scores(model, b:BatchFeature, cands:dict, P:int=0) -> torch.Tensor:
+    "(n, k) label log-likelihoods in one forward pass with `scoring_mask`, the rows' shared first `P` tokens run once."
     ids, mask = cands['input_ids'].to(model.device), cands['mask'].to(model.device)
     (n, p), (k, T) = b['input_ids'].shape, ids.shape
     pos, after = prompt_positions(model, b)
     offsets = torch.arange(T - 1, device=ids.device).repeat(k)
-    rows = {key: torch.cat([b[key], v.to(model.device)], 1) for key, v in _candidates(cands, ['input_ids', *per_token_keys(b)], n).items()}
-    rows['attention_mask'] = scoring_mask(b['attention_mask'], k, T - 1, model.get_input_embeddings().weight.dtype)
-    rows['position_ids'] = torch.cat([pos, (after[:, None] + offsets).expand(*pos.shape[:-1], -1)], -1)
-    logits = model(**{key: b[key] for key in image_keys(b)}, **rows, use_cache=False, logits_to_keep=k * (T - 1) + 1).logits
+    rows = {key: torch.cat([b[key][:, P:], v.to(model.device)], 1) for key, v in _candidates(cands, ['input_ids', *per_token_keys(b)], n).items()}
+    own = scoring_mask(b['attention_mask'][:, P:], k, T - 1, model.get_input_embeddings().weight.dtype)
+    rows['attention_mask'] = torch.cat([own.new_zeros(*own.shape[:-1], P), own], -1)  # every row sees the whole shared prefix
+    rows['position_ids'] = torch.cat([pos[..., P:], (after[:, None] + offsets).expand(*pos.shape[:-1], -1)], -1)
+    cache = {cache_kwarg(model): _shared_cache(model, b, P, pos if uses_mrope(model) else None)} if P else {'use_cache': False}
+    logits = model(**{key: b[key] for key in image_keys(b)}, **rows, **cache, logits_to_keep=k * (T - 1) + 1).logits
     first = logits[:, 0].float().log_softmax(-1)[:, ids[:, 0]]  # every label's first token, from the prompt's last position
     return first + _gather(logits[:, 1:].reshape(n, k, T - 1, -1), ids, mask)
 
-# %% ../nbs/06_infer.ipynb 23
-def _cache_kwarg(model) -> str:
-    "The forward argument that takes a KV cache: `cache` in recent transformers, `past_key_values` before."
-    return 'cache' if 'cache' in inspect.signature(type(unwrap(model)).forward).parameters else 'past_key_values'
 
+# %% ../nbs/06_infer.ipynb 24
 def _cached_scores(model, b:BatchFeature, cands:dict) -> torch.Tensor:
     "(n, k) label log-likelihoods from the prompt's KV cache, repeated for every label."
     ids, mask = cands['input_ids'].to(model.device), cands['mask'].to(model.device)
@@ -124,15 +141,15 @@ def _cached_scores(model, b:BatchFeature, cands:dict) -> torch.Tensor:
     out = model(**b, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1].float().log_softmax(-1)[:, ids[:, 0]]
     if T == 1: return first
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.batch_repeat_interleave(k)
     rows = {key: v.reshape(n * k, T - 1).to(model.device) for key, v in _candidates(cands, ['input_ids', *per_token_keys(b)], n).items()}
     rows['attention_mask'] = torch.cat([b['attention_mask'].repeat_interleave(k, 0), rows['input_ids'].new_ones(n * k, T - 1)], 1)
     if uses_mrope(model): rows['position_ids'] = (prompt_positions(model, b)[1].repeat_interleave(k)[:, None] + torch.arange(T - 1, device=ids.device)).expand(3, -1, -1)
-    logits = model(**rows, **{_cache_kwarg(model): cache}, use_cache=True).logits
+    logits = model(**rows, **{cache_kwarg(model): cache}, use_cache=True).logits
     return first + _gather(logits.reshape(n, k, T - 1, -1), ids, mask)
 
-# %% ../nbs/06_infer.ipynb 25
+# %% ../nbs/06_infer.ipynb 26
 def _naive_scores(model, processor, images:list, question:str, labels:LabelSet) -> torch.Tensor:
     "(n, k) label log-likelihoods, one full sequence per (face, label)."
     collate, rows = AnswerCollator(processor), []
@@ -143,7 +160,7 @@ def _naive_scores(model, processor, images:list, question:str, labels:LabelSet) 
         rows.append((lp * (y != -100)).sum(1))
     return torch.stack(rows)
 
-# %% ../nbs/06_infer.ipynb 27
+# %% ../nbs/06_infer.ipynb 28
 STRATEGIES = ('masked', 'cache', 'naive')
 
 def scoring_strategy(model, # the LVLM
@@ -163,7 +180,7 @@ def scoring_strategy(model, # the LVLM
         return 'cache'
     return strategy
 
-# %% ../nbs/06_infer.ipynb 32
+# %% ../nbs/06_infer.ipynb 33
 LENGTHS = ('sum', 'mean', 'calibrated')
 
 @torch.no_grad()
@@ -175,6 +192,8 @@ def label_logprobs(model, # the LVLM, in eval mode
                    image_size:int|None=None, # resize faces to this square size first (None: keep)
                    length:str='sum', # how labels of different token lengths compare, one of `LENGTHS`
                    strategy:str|None=None, # one of `STRATEGIES` (None: the exact one for the model)
+                   layout:str=DEFAULT_LAYOUT, # prompt layout, see `cer_nb.prompts.LAYOUTS`
+                   share:bool=True, # run the tokens every face shares once per batch (exact); False: once per face
                   ) -> torch.Tensor:
     "(n_images, n_labels) log-likelihood of each label's answer given each face and the prompt."
     if length not in LENGTHS: raise ValueError(f"length={length!r}: expected one of {LENGTHS}")
@@ -182,17 +201,19 @@ def label_logprobs(model, # the LVLM, in eval mode
     prepare = AnswerCollator(processor, image_size=image_size).image
     faces = [prepare(im) for im in images]
     if length == 'calibrated': faces.append(Image.new('RGB', faces[0].size, (128, 128, 128)))
-    question = prompt_text(labels, variant)
+    question = stage_prompt(labels, variant, layout)
     cands = answer_ids(processor, question, labels, faces[0])
-    b = prompt_batch(model, processor, faces, labels, variant)
+    b = prompt_batch(model, processor, faces, labels, variant, layout=layout)
     how = scoring_strategy(model, b['input_ids'].shape[1] + cands['input_ids'].numel(), strategy)
     if how == 'naive': lp = _naive_scores(model, processor, faces, question, labels)
-    else: lp = (_masked_scores if how == 'masked' else _cached_scores)(model, b, cands)
+    elif how == 'masked': lp = _masked_scores(model, b, cands, shared_prefix(model, b) if share else 0)
+    else: lp = _cached_scores(model, b, cands)
     if length == 'mean': lp = lp / cands['mask'].sum(1).to(lp.device)
     if length == 'calibrated': lp = lp[:-1] - lp[-1:]
     return lp.cpu()
 
-# %% ../nbs/06_infer.ipynb 40
+
+# %% ../nbs/06_infer.ipynb 43
 @torch.no_grad()
 def generate_answers(model, # the LVLM, in eval mode
                      processor, # the model's processor
@@ -201,15 +222,16 @@ def generate_answers(model, # the LVLM, in eval mode
                      variant:str=DEFAULT_VARIANT, # prompt variant, see `cer_nb.prompts`
                      max_new_tokens:int=16, # longest answer: a label takes a few tokens, this leaves room for a short sentence
                      image_size:int|None=None, # resize faces to this square size first (None: keep)
+                     layout:str=DEFAULT_LAYOUT, # prompt layout, see `cer_nb.prompts.LAYOUTS`
                     ) -> list[str]:
     "The model's greedy answer to the prompt about each face."
     if not len(images): return []
-    b, tok = prompt_batch(model, processor, images, labels, variant, image_size), processor.tokenizer
+    b, tok = prompt_batch(model, processor, images, labels, variant, image_size, layout), processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return [s.strip() for s in tok.batch_decode(out[:, b['input_ids'].shape[1]:], skip_special_tokens=True)]
 
-# %% ../nbs/06_infer.ipynb 44
+# %% ../nbs/06_infer.ipynb 47
 def _check_adapter(folder) -> None:
     "Refuse an adapter folder whose config or weights are missing, truncated or corrupt, naming the file, before any model loads."
     cfg, weights = Path(folder)/ADAPTER_CONFIG, Path(folder)/ADAPTER_WEIGHTS
@@ -223,7 +245,7 @@ def _check_adapter(folder) -> None:
         with safe_open(str(weights), 'pt'): pass  # reads the header and checks the file holds every tensor it lists
     except (SafetensorError, OSError) as e: raise ValueError(f"{weights} is truncated or corrupt ({e}): copy the adapter again, or train it again") from None
 
-# %% ../nbs/06_infer.ipynb 45
+# %% ../nbs/06_infer.ipynb 48
 def _adapter_info(folder:Path) -> dict:
     "A plain peft adapter folder described as a run is: the base model its `adapter_config.json` names, nothing else known."
     cfg = json.loads((folder/ADAPTER_CONFIG).read_text(encoding='utf-8'))
@@ -239,7 +261,7 @@ def _same_base(info:dict, base_model:str):
         differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise ValueError(f"base_model={base_model} is not the model {info['path']} was trained on ({', '.join(differ)} differ): pass the folder of that model")
 
-# %% ../nbs/06_infer.ipynb 46
+# %% ../nbs/06_infer.ipynb 49
 def checkpoint_info(checkpoint, # a cer_nb run directory, a peft adapter folder, a base model folder or a Hub id
                     base_model:str|None=None, # the base model to use instead of the one the run or adapter names (e.g. it moved)
                    ) -> dict:
@@ -256,7 +278,7 @@ def checkpoint_info(checkpoint, # a cer_nb run directory, a peft adapter folder,
     if base_model: _same_base(info, info['base_model'])
     return info
 
-# %% ../nbs/06_infer.ipynb 48
+# %% ../nbs/06_infer.ipynb 51
 def resolve_device(device:str|None=None, # e.g. 'cpu', 'cuda', 'cuda:1', 'mps'; None: the GPU if there is one
                   ) -> str:
     "The device to run on: `device`, checked against what torch sees here, or the GPU if there is one, else the CPU."
@@ -272,7 +294,7 @@ def resolve_device(device:str|None=None, # e.g. 'cpu', 'cuda', 'cuda:1', 'mps'; 
     if d.type not in ('cpu', 'cuda', 'mps'): raise ValueError(f"device={device!r}: cer_nb runs on 'cpu', 'cuda' or 'mps'")
     return str(device)
 
-# %% ../nbs/06_infer.ipynb 51
+# %% ../nbs/06_infer.ipynb 54
 def _with_adapters(model, info:dict, merge:bool):
     "The base `model` with the checkpoint's adapters: earlier stages' merged, its own merged or kept in peft's wrapper."
     from peft import PeftModel
@@ -286,7 +308,7 @@ def _with_adapters(model, info:dict, merge:bool):
             raise ValueError(f"the adapter {info['path']} (or one merged before it) does not fit base model {info['base_model']}: {len(missing)} LoRA weights "
                              f"have no match in its file (e.g. {missing[0] if missing else '?'}); was it made for another model, or with other layer names?") from None
 
-# %% ../nbs/06_infer.ipynb 52
+# %% ../nbs/06_infer.ipynb 55
 _LOADED: dict = {}
 
 def clear_checkpoints():
@@ -311,7 +333,7 @@ def load_checkpoint(checkpoint, # a run directory, a peft adapter folder, a base
     "`(model, processor, info)` of `checkpoint`, loaded once and cached; `info` is `checkpoint_info`'s description."
     return _load(checkpoint_info(checkpoint, base_model), resolve_device(device), dtype, merge)
 
-# %% ../nbs/06_infer.ipynb 70
+# %% ../nbs/06_infer.ipynb 73
 @dataclass
 class Prediction:
     "The model's answer about one face."
@@ -320,7 +342,7 @@ class Prediction:
     answer: str|None = None  # the generated text (method 'generate'), else None
     error: str|None = None  # why the image could not be read or aligned (the fields above are then None), else None
 
-# %% ../nbs/06_infer.ipynb 72
+# %% ../nbs/06_infer.ipynb 75
 class Predictions(list):
     "`predict`'s answer: one `Prediction` per image, in the order given; `failures`: an `ItemFailure` per image that could not be read."
     def __init__(self, preds=(), # a `Prediction` per image
@@ -334,7 +356,7 @@ class Predictions(list):
         "How many images failed, and the first `n` failures."
         return BatchResult([p for p in self if p.error is None], self.failures, what='images').summary(n)
 
-# %% ../nbs/06_infer.ipynb 74
+# %% ../nbs/06_infer.ipynb 77
 METHODS = ('score', 'generate')
 
 def _image_list(images) -> list:
@@ -352,14 +374,15 @@ def _read_faces(images:list, start:int, align:bool, strict:bool) -> BatchResult:
                     name=lambda x: _image_name(x[1], x[0]), what='images', warn=False)
     return BatchResult(got, [ItemFailure(start + f.index, f.item, f.error) for f in got.failures], [start + i for i in got.indices], 'images')
 
-# %% ../nbs/06_infer.ipynb 75
-def _check_settings(batch_size, method, length, variant):
+# %% ../nbs/06_infer.ipynb 78
+def _check_settings(batch_size, method, length, variant, layout=None):
     "Refuse `predict` settings outside their allowed values, naming the setting and what it allows."
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected an integer ≥ 1 (faces per forward pass)")
     if method not in METHODS: raise ValueError(f"method={method!r}: expected one of {METHODS}")
     if length not in LENGTHS: raise ValueError(f"length={length!r}: expected one of {LENGTHS}")
     if variant is not None and variant not in PROMPT_VARIANTS: raise ValueError(f"variant={variant!r}: expected one of {list(PROMPT_VARIANTS)} or None (the run's)")
+    if layout is not None and layout not in LAYOUTS: raise ValueError(f"layout={layout!r}: expected one of {list(LAYOUTS)} or None (the run's)")
 
 def _label_set(labels, info:dict, checkpoint) -> LabelSet:
     "The label set to choose among: `labels` (a LabelSet or a key of `LABEL_SETS`), else the run's."
@@ -370,10 +393,10 @@ def _label_set(labels, info:dict, checkpoint) -> LabelSet:
     if isinstance(labels, str) and labels in LABEL_SETS: return LABEL_SETS[labels]
     raise ValueError(f"unknown label set labels={labels!r}; expected one of {list(LABEL_SETS)} or a LabelSet")
 
-# %% ../nbs/06_infer.ipynb 76
-def _answers(model, processor, info:dict, faces:list, labels:LabelSet, method:str, variant:str|None, length:str) -> list[Prediction]:
+# %% ../nbs/06_infer.ipynb 79
+def _answers(model, processor, info:dict, faces:list, labels:LabelSet, method:str, variant:str|None, length:str, layout:str|None=None) -> list[Prediction]:
     "A `Prediction` for each decoded face of one batch."
-    kw = dict(variant=variant or info['variant'] or DEFAULT_VARIANT, image_size=info['image_size'])
+    kw = dict(variant=variant or info['variant'] or DEFAULT_VARIANT, image_size=info['image_size'], layout=layout or info.get('layout') or 'image-first')  # runs before layouts were image-first
     if method == 'generate': return [Prediction(find_label(a, labels), answer=a) for a in generate_answers(model, processor, faces, labels, **kw)]
     probs = label_logprobs(model, processor, faces, labels, length=length, **kw).softmax(-1).tolist()
     return [Prediction(labels[int(np.argmax(row))], dict(zip(labels, row))) for row in probs]
@@ -385,7 +408,7 @@ def _predictions(preds:list, failures:list) -> Predictions:
     if failures: warnings.warn(out.summary(), stacklevel=3)
     return out
 
-# %% ../nbs/06_infer.ipynb 77
+# %% ../nbs/06_infer.ipynb 80
 def predict(images, # one face or a list: paths, PIL images (any mode), numpy arrays
             checkpoint, # a run directory, a peft adapter folder, a base model folder or a Hub id
             labels:LabelSet|str|None=None, # the classes to choose among; None: the run's (required for an adapter or a base model)
@@ -397,9 +420,10 @@ def predict(images, # one face or a list: paths, PIL images (any mode), numpy ar
             device:str|None=None, # e.g. 'cuda', 'cpu'; None: the GPU if there is one
             strict:bool=False, # raise on the first image that cannot be read or aligned, instead of reporting it and going on
             base_model:str|None=None, # the base model to use instead of the one the checkpoint names (e.g. it moved)
+            layout:str|None=None, # prompt layout (`cer_nb.prompts.LAYOUTS`); None: the run's (otherwise 'image-first')
            ) -> Predictions:
     "The predicted expression of each face: `Prediction` i is about image i; an image that cannot be read carries its `error`."
-    _check_settings(batch_size, method, length, variant)
+    _check_settings(batch_size, method, length, variant, layout)
     device, info = resolve_device(device), checkpoint_info(checkpoint, base_model)
     labels, items, loaded = _label_set(labels, info, checkpoint), _image_list(images), None
     preds, failures = [None] * len(items), []
@@ -408,5 +432,5 @@ def predict(images, # one face or a list: paths, PIL images (any mode), numpy ar
         failures += faces.failures
         if not faces: continue
         loaded = loaded or _load(info, device)  # the model once, on the first batch with a readable face; `info` is not read again
-        for i, p in zip(faces.indices, _answers(*loaded, list(faces), labels, method, variant, length)): preds[i] = p
+        for i, p in zip(faces.indices, _answers(*loaded, list(faces), labels, method, variant, length, layout)): preds[i] = p
     return _predictions(preds, failures)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_model.ipynb 3
 from __future__ import annotations
-import math, os
+import inspect, math, os
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,13 +13,15 @@ from fastcore.basics import patch
 from transformers import AutoModelForImageTextToText, BatchFeature
 from peft import LoraConfig
 from .core import LabelSet, check_model_ref
-from .prompts import prompt_text, question_turns, DEFAULT_VARIANT
+from .prompts import stage_prompt, question_turns, Prompt, DEFAULT_VARIANT, DEFAULT_LAYOUT
 from .images import load_image
-from .lvlm import family_of, load_processor, lora_targets, LORA_PRESETS
+from .lvlm import family_of, load_processor, lora_targets, unwrap, rope_index, LORA_PRESETS
 
 # %% auto 0
 __all__ = ['resolve_dtype', 'load_lvlm', 'prompt_only', 'render', 'encode', 'answer_text', 'answer_tokens', 'AnswerCollator',
-           'per_token_keys', 'image_keys', 'pixel_table', 'PreparedExamples', 'lora_config', 'merge_adapters']
+           'per_token_keys', 'image_keys', 'pixel_table', 'PreparedExamples', 'lora_config', 'merge_adapters',
+           'image_token_id', 'shared_prefix', 'positions', 'cache_kwarg', 'output_cache', 'prefix_cache',
+           'shared_forward']
 
 # %% ../nbs/03_model.ipynb 7
 def resolve_dtype(dtype) -> torch.dtype:
@@ -59,14 +61,18 @@ def prompt_only(processor) -> bool:
     return not (getattr(processor, 'chat_template', None) or getattr(processor.tokenizer, 'chat_template', None))
 
 def render(processor, # the model's processor
-           question:str, # the text put to the model about one face
+           question:str|Prompt, # the text put to the model about one face, or a `Prompt` whose context comes before the image
            answer:str|None=None, # the answer, for a training row (None: end where the answer begins)
           ) -> dict:
     "The processor's text arguments for one face: the chat template's text, or a prefix and a `suffix`."
+    context = question.context if isinstance(question, Prompt) else ''
     if prompt_only(processor):  # the image token first, where the processor expects it
+        if context: raise ValueError("this checkpoint has no chat template and its processor puts the image before all text: layout='context-first' is not possible, use 'image-first'")
         return {'text': getattr(processor, 'image_token', '') + question, **({} if answer is None else {'suffix': answer})}
-    turns = question_turns(question, answer)
-    return {'text': processor.apply_chat_template(turns, add_generation_prompt=answer is None, tokenize=False)}
+    text = processor.apply_chat_template(question_turns(question, answer), add_generation_prompt=answer is None, tokenize=False)
+    if context not in text: raise ValueError(f"this checkpoint's chat template drops the system turn, where layout='context-first' puts the context: use 'image-first'")
+    return {'text': text}
+
 
 # %% ../nbs/03_model.ipynb 16
 def encode(processor, # the model's processor
@@ -127,9 +133,10 @@ class AnswerCollator:
                  labels:LabelSet|None=None, # the label set the prompt lists (None: examples carry their own 'prompt')
                  variant:str=DEFAULT_VARIANT, # prompt variant, see `cer_nb.prompts`
                  image_size:int|None=None, # resize images to this square size first (None: keep)
-                 answer_logits_only:bool=False): # training: the model computes logits at the answer positions only
+                 answer_logits_only:bool=False, # training: the model computes logits at the answer positions only
+                 layout:str=DEFAULT_LAYOUT): # prompt layout, see `cer_nb.prompts.LAYOUTS`
         self.processor, self.labels, self.variant, self.image_size = processor, labels, variant, image_size
-        self.answer_logits_only = answer_logits_only
+        self.answer_logits_only, self.layout = answer_logits_only, layout
         self.answers = {}  # (question, answer) -> the answer's token ids and per-token inputs
 
     def image(self, image) -> Image.Image:
@@ -140,12 +147,12 @@ class AnswerCollator:
 
 # %% ../nbs/03_model.ipynb 27
 @patch
-def question(self:AnswerCollator, example:dict) -> str:
+def question(self:AnswerCollator, example:dict) -> str|Prompt:
     "The question of `example`: its own 'prompt', else the stage's prompt (its answer must then be a label)."
     if 'prompt' in example: return example['prompt']
     if self.labels is None: raise ValueError("an example without 'prompt' needs the collator's labels=")
     if example['answer'] not in self.labels: raise ValueError(f"answer {example['answer']!r} is not a label of {self.labels.name}")
-    return prompt_text(self.labels, self.variant)
+    return stage_prompt(self.labels, self.variant, self.layout)
 
 # %% ../nbs/03_model.ipynb 31
 _ROW = ('input_ids', 'attention_mask', 'labels')
@@ -287,3 +294,69 @@ def merge_adapters(model, # the base model
     from peft import PeftModel
     for path in adapters: model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     return model
+
+# %% ../nbs/03_model.ipynb 65
+def image_token_id(model) -> int:
+    "The id of the token each image's tokens are written as, from the model's config."
+    cfg = unwrap(model).config
+    tid = next((getattr(cfg, k) for k in ('image_token_id', 'image_token_index') if getattr(cfg, k, None) is not None), None)
+    if tid is None: raise ValueError(f"{cfg.model_type}'s config names no image token (image_token_id)")
+    return tid
+
+def _causal_cache(model) -> bool:
+    "Whether every token attends only to earlier ones, through a key-value cache: what makes a computed prefix reusable."
+    layers = set(getattr(unwrap(model).config.get_text_config(), 'layer_types', None) or []) - {'full_attention', 'sliding_attention'}
+    return family_of(unwrap(model)).bidirectional is None and not layers
+
+# %% ../nbs/03_model.ipynb 66
+def shared_prefix(model, # the LVLM
+                  batch, # a batch of rows (`input_ids`, `attention_mask`)
+                 ) -> int:
+    "How many leading tokens all rows of `batch` share before the first image token, unpadded; 0 if none or sharing is not exact."
+    ids, mask = batch['input_ids'], batch['attention_mask']
+    if len(ids) < 2 or mask.ndim != 2 or not _causal_cache(model): return 0
+    first = (ids[0] == image_token_id(model)).nonzero()
+    P = int(first[0, 0]) if len(first) else 0
+    return P if P and bool((ids[:, :P] == ids[:1, :P]).all() and mask[:, :P].all()) else 0
+
+# %% ../nbs/03_model.ipynb 69
+def positions(model, # the LVLM
+              batch, # its batch
+             ) -> torch.Tensor|None:
+    "The batch's M-RoPE positions, (3, n, L), as the model computes them; None for a model with 1-D positions."
+    rope = rope_index(model)
+    return None if rope is None else rope(**{k: v for k, v in batch.items() if k in inspect.signature(rope).parameters})[0]
+
+def cache_kwarg(model) -> str:
+    "The forward argument that takes a KV cache: `cache` in recent transformers, `past_key_values` before."
+    return 'cache' if 'cache' in inspect.signature(type(unwrap(model)).forward).parameters else 'past_key_values'
+
+def output_cache(out):
+    "The key-value cache a forward pass returned: `cache` in recent transformers, `past_key_values` before."
+    return out['cache'] if 'cache' in out else out.past_key_values
+
+# %% ../nbs/03_model.ipynb 70
+def prefix_cache(model, # the LVLM
+                 batch, # the rows, which share their first `P` tokens
+                 P:int, # the shared length, from `shared_prefix`
+                 pos:torch.Tensor|None=None, # the rows' M-RoPE `positions` (None: 1-D positions)
+                ):
+    "The key-value cache of the first `P` tokens, computed on one row and repeated for every row of `batch`."
+    head = {k: batch[k][:1, :P] for k in ['input_ids', *per_token_keys(batch)]}
+    at = {} if pos is None else {'position_ids': pos[..., :1, :P]}
+    cache = output_cache(model(**head, attention_mask=torch.ones_like(head['input_ids']), **at, use_cache=True, logits_to_keep=1))
+    cache.batch_repeat_interleave(len(batch['input_ids']))
+    return cache
+
+# %% ../nbs/03_model.ipynb 71
+def shared_forward(model, # the LVLM (trainable or not)
+                   batch, # the rows: `AnswerCollator`'s batch
+                   P:int, # the shared length, from `shared_prefix`
+                   **kwargs): # more forward arguments (e.g. `num_items_in_batch`)
+    "The model's output on `batch` with the shared first `P` tokens computed once and broadcast to every row."
+    pos = positions(model, batch)
+    cache, own = prefix_cache(model, batch, P, pos), ['input_ids', *per_token_keys(batch)]
+    rows = {k: v[:, P:] if k in own else v for k, v in batch.items()}  # attention_mask stays whole: it covers the cached prefix
+    if 'labels' in batch and batch['labels'].shape == batch['input_ids'].shape: rows['labels'] = batch['labels'][:, P:]
+    if pos is not None: rows['position_ids'] = pos[..., P:]
+    return model(**rows, **{cache_kwarg(model): cache}, **kwargs)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from .core import LabelSet, RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND, COMPONENTS
 
 # %% auto 0
-__all__ = ['BASIC_CUES', 'PROMPT_VARIANTS', 'DEFAULT_VARIANT', 'label_cues', 'prompt_text', 'question_turns', 'chat_messages']
+__all__ = ['BASIC_CUES', 'PROMPT_VARIANTS', 'DEFAULT_VARIANT', 'LAYOUTS', 'DEFAULT_LAYOUT', 'label_cues', 'prompt_text', 'Prompt',
+           'stage_prompt', 'question_turns', 'chat_messages']
 
 # %% ../nbs/02_prompts.ipynb 6
 BASIC_CUES = {
@@ -39,18 +40,20 @@ def _question(labels:LabelSet) -> str:
 def _options(labels:LabelSet) -> str: return f"Answer with exactly one of: {', '.join(labels)}."
 
 # %% ../nbs/02_prompts.ipynb 10
-def _bare(labels): return _question(labels)
-def _with_options(labels): return f"{_question(labels)} {_options(labels)}"
-def _context(labels):
+def _intro(labels):
     kind = 'compound expressions' if _is_compound(labels) else 'basic emotions'
     intro = f"You are an expert in facial expression analysis. The face in the image shows one of {len(labels)} {kind}. "
-    return intro + (_compound_context(labels) if _is_compound(labels) else '') + _with_options(labels)
-def _cues(labels):
-    cues = ' '.join(f"{l}: {label_cues(l)}." for l in labels)
-    return f"{_context(labels)} Typical facial cues — {cues}"
+    return intro + (_compound_context(labels) if _is_compound(labels) else '')
+def _cue_list(labels): return 'Typical facial cues — ' + ' '.join(f"{l}: {label_cues(l)}." for l in labels)
+
+def _bare(labels): return _question(labels)
+def _with_options(labels): return f"{_question(labels)} {_options(labels)}"
+def _context(labels): return _intro(labels) + _with_options(labels)
+def _cues(labels): return f"{_context(labels)} {_cue_list(labels)}"
 
 PROMPT_VARIANTS = {'bare': _bare, 'options': _with_options, 'context': _context, 'cues': _cues}
 DEFAULT_VARIANT = 'context'
+
 
 # %% ../nbs/02_prompts.ipynb 11
 def prompt_text(labels:LabelSet, # the classes the model chooses among
@@ -61,17 +64,45 @@ def prompt_text(labels:LabelSet, # the classes the model chooses among
     return PROMPT_VARIANTS[variant](labels)
 
 # %% ../nbs/02_prompts.ipynb 16
-def question_turns(question:str, # the text put to the model about one face
+LAYOUTS = ('image-first', 'context-first')
+DEFAULT_LAYOUT = 'image-first'
+
+@dataclass(frozen=True)
+class Prompt:
+    "A question about one face and the `context` the model reads before the image (in a system turn)."
+    question: str  # what the user turn asks after the image
+    context: str = ''  # the shared text before the image ('' : none)
+
+_CONTEXTS = {'bare': lambda l: '', 'options': _options, 'context': lambda l: _intro(l) + _options(l),
+             'cues': lambda l: f"{_intro(l)}{_options(l)} {_cue_list(l)}"}
+
+# %% ../nbs/02_prompts.ipynb 17
+def stage_prompt(labels:LabelSet, # the classes the model chooses among
+                 variant:str=DEFAULT_VARIANT, # a key of `PROMPT_VARIANTS`
+                 layout:str=DEFAULT_LAYOUT, # a key of `LAYOUTS`
+                ) -> str|Prompt:
+    "What the model is asked about each face: `prompt_text` (image first) or a `Prompt` whose context comes before the image."
+    text = prompt_text(labels, variant)
+    if layout not in LAYOUTS: raise ValueError(f"layout={layout!r}: expected one of {list(LAYOUTS)}")
+    if layout == 'image-first' or not _CONTEXTS[variant](labels): return text
+    return Prompt(_question(labels), _CONTEXTS[variant](labels))
+
+# %% ../nbs/02_prompts.ipynb 20
+def question_turns(question:str|Prompt, # the text put to the model about one face, or a `Prompt` with context
                    answer:str|None=None, # the assistant's answer, for training rows
                   ) -> list[dict]:
-    "Chat turns for one face and any question: the user turn (image, then question) and, given `answer`, the assistant turn."
-    turns = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': question}]}]
+    "Chat turns for one face: a system turn with a `Prompt`'s context, the user turn (image, then question) and, given `answer`, the assistant turn."
+    p = question if isinstance(question, Prompt) else Prompt(question)
+    turns = [{'role': 'system', 'content': [{'type': 'text', 'text': p.context}]}] if p.context else []
+    turns += [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': p.question}]}]
     return turns + ([{'role': 'assistant', 'content': [{'type': 'text', 'text': answer}]}] if answer is not None else [])
 
 def chat_messages(labels:LabelSet, # the classes the model chooses among
                   variant:str=DEFAULT_VARIANT, # a key of `PROMPT_VARIANTS`
                   answer:str|None=None, # the canonical label, for training examples
+                  layout:str=DEFAULT_LAYOUT, # a key of `LAYOUTS`
                  ) -> list[dict]:
     "`question_turns` for the stage's prompt; an `answer` must be one of `labels`."
     if answer is not None and answer not in labels: raise ValueError(f"answer {answer!r} is not a label of {labels.name}")
-    return question_turns(prompt_text(labels, variant), answer)
+    return question_turns(stage_prompt(labels, variant, layout), answer)
+

@@ -16,22 +16,22 @@ from transformers import Trainer, TrainerState, TrainingArguments, PrinterCallba
 from transformers.trainer_utils import TrainOutput
 from .core import LABEL_SETS
 from .images import load_image
-from .prompts import PROMPT_VARIANTS
+from .prompts import PROMPT_VARIANTS, LAYOUTS
 from .lvlm import LORA_PRESETS
-from .model import load_lvlm, AnswerCollator, PreparedExamples, lora_config, merge_adapters
+from .model import load_lvlm, AnswerCollator, PreparedExamples, lora_config, merge_adapters, shared_prefix, shared_forward
 from .runs import LOG_HISTORY, CHECKPOINTS, TRAINER_STATE, ADAPTER_WEIGHTS, read_run_info, checkpoint_state
 from .runs import run_recipe, base_fingerprint, finished_run, resume_point, start_run, full_disk_reported, write_run
 
 # %% auto 0
-__all__ = ['SCHEDULERS', 'DTYPES', 'PRESETS', 'StageConfig', 'FaceDataset', 'stage_model', 'train_stage', 'stage2_config',
-           'plot_loss']
+__all__ = ['SCHEDULERS', 'DTYPES', 'PRESETS', 'StageConfig', 'FaceDataset', 'stage_model', 'StageTrainer', 'train_stage',
+           'stage2_config', 'plot_loss']
 
 # %% ../nbs/04_stage1_basic.ipynb 6
 # the Trainer's schedules, less those that need extra arguments (min_lr, decay steps) or evaluation (reduce_lr_on_plateau)
 SCHEDULERS = ('linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup', 'inverse_sqrt')
 DTYPES = ('auto', 'bfloat16', 'float32')  # no float16: Qwen2-family models overflow in it
 _CHOICES = {'labels': LABEL_SETS, 'init_mode': ('continue', 'merge'), 'variant': PROMPT_VARIANTS, 'lora_preset': LORA_PRESETS,
-            'dtype': DTYPES, 'scheduler': SCHEDULERS}
+            'dtype': DTYPES, 'scheduler': SCHEDULERS, 'layout': LAYOUTS}
 _OPTIONAL = {'lora_alpha', 'image_size', 'max_pixels'}  # may be None
 _RANGES = {  # option: (integer?, allowed?, the allowed values in words)
     'epochs': (False, lambda v: v > 0, '> 0'), 'max_steps': (True, lambda v: v == -1 or v >= 1, '-1 (train for `epochs`) or ≥ 1'),
@@ -52,7 +52,7 @@ def _check_config(cfg):
         v = getattr(cfg, name)
         typed = name in _OPTIONAL if v is None else isinstance(v, numbers.Integral if integer else numbers.Real) and not isinstance(v, bool)
         if not (typed and ok(v)): raise ValueError(f"{name}={v!r}: expected {'an integer' if integer else 'a number'} {allowed}")
-    for name in ('load_in_4bit', 'gradient_checkpointing'):
+    for name in ('load_in_4bit', 'gradient_checkpointing', 'share_prefix'):
         if not isinstance(getattr(cfg, name), bool): raise ValueError(f"{name}={getattr(cfg, name)!r}: expected True or False")
     if not cfg.base_model: raise ValueError('base_model is empty: give a Hub id or the folder of a pre-trained LVLM')
 
@@ -66,6 +66,7 @@ class StageConfig:
     init_from: str|None = None  # run directory of the previous stage (stage 2 starts from stage 1's adapter)
     init_mode: str = 'continue'  # 'continue' training that adapter, or 'merge' it into the base and add a new one
     variant: str = 'context'  # prompt variant (`cer_nb.prompts.PROMPT_VARIANTS`)
+    layout: str = 'image-first'  # prompt layout (`cer_nb.prompts.LAYOUTS`): 'context-first' puts the context before the image
     lora_preset: str = 'lm'  # LoRA targets (`cer_nb.lvlm.LORA_PRESETS`)
     lora_r: int = 16  # LoRA rank (≥ 1)
     lora_alpha: int|None = None  # LoRA alpha (≥ 1; default 2*r)
@@ -83,6 +84,7 @@ class StageConfig:
     dtype: str = 'auto'  # 'auto', 'bfloat16' or 'float32' (never fp16 for Qwen2: it overflows)
     load_in_4bit: bool = False  # QLoRA: 4-bit base weights (CUDA only)
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    share_prefix: bool = True  # run the tokens every row of a batch shares once per batch (one process, no gradient checkpointing)
     save_steps: int = 200  # checkpoint every this many steps
     logging_steps: int = 10  # log the loss every this many steps
     seed: int = 0  # seed of LoRA init, data order and dropout
@@ -155,7 +157,16 @@ def _training_args(cfg:StageConfig, ckpt_dir:Path, **kwargs) -> TrainingArgument
         activation_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False, report_to=[],
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), **kwargs)
 
-# %% ../nbs/04_stage1_basic.ipynb 23
+# %% ../nbs/04_stage1_basic.ipynb 24
+class StageTrainer(Trainer):
+    "transformers' `Trainer`, computing the tokens all rows of a batch share once per batch (`share_prefix`)."
+    share_prefix = False  # set by `train_stage` from `StageConfig.share_prefix`
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        P = shared_prefix(self.accelerator.unwrap_model(model), inputs) if self.share_prefix else 0
+        forward = (lambda **rows: shared_forward(model, rows, P)) if P else model
+        return super().compute_loss(forward, inputs, return_outputs, num_items_in_batch)
+
+# %% ../nbs/04_stage1_basic.ipynb 25
 def _check_labels(train:pd.DataFrame, cfg:StageConfig, prompts):
     "Refuse training labels outside the stage's label set (any label set for a stage with its own prompts)."
     known = set(LABEL_SETS[cfg.labels]) if prompts is None else {l for s in LABEL_SETS.values() for l in s}
@@ -164,14 +175,15 @@ def _check_labels(train:pd.DataFrame, cfg:StageConfig, prompts):
 
 def _trainer(cfg, model, processor, train, prompts, ckpt_dir, callbacks, progress, kwargs) -> Trainer:
     "The `Trainer` of a stage: prepared faces, answer-only logits, checkpoints in `ckpt_dir`."
-    collate = AnswerCollator(processor, LABEL_SETS[cfg.labels], cfg.variant, cfg.image_size, answer_logits_only=True)
-    trainer = Trainer(model=model, args=_training_args(cfg, ckpt_dir, disable_tqdm=not progress, **kwargs),
+    collate = AnswerCollator(processor, LABEL_SETS[cfg.labels], cfg.variant, cfg.image_size, answer_logits_only=True, layout=cfg.layout)
+    trainer = StageTrainer(model=model, args=_training_args(cfg, ckpt_dir, disable_tqdm=not progress, **kwargs),
                       train_dataset=PreparedExamples(FaceDataset(train, cfg.image_size, cache=False, prompts=prompts), collate.prepare),
                       data_collator=collate, callbacks=callbacks)
     if not progress: trainer.remove_callback(PrinterCallback)
+    trainer.share_prefix = cfg.share_prefix and not cfg.gradient_checkpointing and trainer.args.world_size == 1
     return trainer
 
-# %% ../nbs/04_stage1_basic.ipynb 25
+# %% ../nbs/04_stage1_basic.ipynb 27
 def _fit(trainer:Trainer, run_dir:Path, last:Path|None) -> TrainOutput:
     "Train from checkpoint `last` (None: from the start); a run whose `last` is its final step is finished from it, not trained on."
     if last and (state := checkpoint_state(last))['global_step'] >= state['max_steps']:
@@ -181,7 +193,7 @@ def _fit(trainer:Trainer, run_dir:Path, last:Path|None) -> TrainOutput:
     with full_disk_reported(lambda: run_dir/CHECKPOINTS/f'checkpoint-{trainer.state.global_step}', run_dir):
         return trainer.train(resume_from_checkpoint=str(last) if last else None)
 
-# %% ../nbs/04_stage1_basic.ipynb 26
+# %% ../nbs/04_stage1_basic.ipynb 28
 def train_stage(cfg:StageConfig, # what to train
                 train:pd.DataFrame, # training faces: `path` and canonical `label` columns (e.g. from `load_rafdb`)
                 run_dir, # where the run directory goes
@@ -208,10 +220,10 @@ def train_stage(cfg:StageConfig, # what to train
         _save_run(trainer, processor, cfg, run_dir, merge_before, train, out, time.time() - start, last, recipe, rows)
     return run_dir
 
-# %% ../nbs/04_stage1_basic.ipynb 27
+# %% ../nbs/04_stage1_basic.ipynb 29
 def _save_run(trainer, processor, cfg, run_dir, merge_before, train, out, seconds, resumed_from, recipe, rows):
     "Save the adapter and processor into `run_dir`, then finish it with `write_run` (its record last)."
-    info = dict(stage=cfg.stage, base_model=cfg.base_model, merge_before=merge_before, labels=cfg.labels, variant=cfg.variant,
+    info = dict(stage=cfg.stage, base_model=cfg.base_model, merge_before=merge_before, labels=cfg.labels, variant=cfg.variant, layout=cfg.layout,
                 image_size=cfg.image_size, max_pixels=cfg.max_pixels, seed=cfg.seed, **recipe,
                 data_counts={'train': len(train), **{f'train/{k}': int(v) for k, v in train['label'].value_counts().items()}},
                 resumed_from=resumed_from and str(resumed_from), world_size=trainer.args.world_size,
@@ -221,7 +233,7 @@ def _save_run(trainer, processor, cfg, run_dir, merge_before, train, out, second
         trainer.model.save_pretrained(run_dir); processor.save_pretrained(run_dir)
         write_run(run_dir, info, trainer.state.log_history, rows)
 
-# %% ../nbs/04_stage1_basic.ipynb 29
+# %% ../nbs/04_stage1_basic.ipynb 31
 def stage2_config(stage1_dir, # run directory of stage 1
                   labels:str='rafdb_compound', # label set of stage 2
                   **kwargs, # any other `StageConfig` field
@@ -230,7 +242,7 @@ def stage2_config(stage1_dir, # run directory of stage 1
     return StageConfig(read_run_info(stage1_dir)['base_model'], labels=labels, stage=kwargs.pop('stage', 'stage2'),
                        init_from=str(Path(stage1_dir).resolve()), **kwargs)
 
-# %% ../nbs/04_stage1_basic.ipynb 41
+# %% ../nbs/04_stage1_basic.ipynb 45
 def plot_loss(*run_dirs, ax=None):
     "Training loss against step for one or more run directories."
     import matplotlib.pyplot as plt
