@@ -9,14 +9,14 @@ from pathlib import Path
 import cer_nb
 from .core import LABEL_SETS, RAFDB_COMPOUND, ABAW_COMPOUND, write_atomic, write_json, check_model_ref
 from .prompts import PROMPT_VARIANTS
-from .runs import read_run_info, provenance, RUN_INFO, ADAPTER_CONFIG
+from .runs import read_run_info, require_clean, DECIDING_MODULES, RUN_INFO, ADAPTER_CONFIG
 from .pipeline import train_arms, label_probs, compound_scores, cexpr_scores
 
 # %% auto 0
 __all__ = ['DEMO_DEFAULTS', 'DEMO_QUICK', 'USER_ERRORS', 'IMAGE_EXTENSIONS', 'PREDICTION_FORMATS', 'SYNTHETIC_NOTE',
-           'demo_settings', 'cli_parser', 'main', 'train_config', 'cmd_train', 'image_paths', 'predictions_table',
-           'write_predictions', 'cmd_predict', 'demo_data', 'data_counts', 'summarise_seeds', 'summary_table',
-           'run_demo', 'cmd_demo']
+           'DEMO_MODULES', 'demo_settings', 'cli_parser', 'main', 'train_config', 'cmd_train', 'image_paths',
+           'predictions_table', 'write_predictions', 'cmd_predict', 'demo_data', 'data_counts', 'summarise_seeds',
+           'summary_table', 'run_demo', 'cmd_demo']
 
 # %% ../nbs/08_cli.ipynb 9
 DEMO_DEFAULTS = dict(
@@ -86,6 +86,7 @@ def _add_demo_parser(sub):
                                              'a random-weight replica (cer_nb.replicas) runs the pipeline but gives chance-level results')
     p.add_argument('--threads', type=_AT_LEAST_1, default=1, metavar='N', help="CPU threads for torch (default %(default)s: the tiny model's operations are too small to gain from more, and lose a lot when cores are shared)")
     p.add_argument('--quiet', action='store_true', help='no progress bars or step messages; only the summary')
+    p.add_argument('--allow-dirty', action='store_true', help="run although cer_nb's code differs from its git commit; metrics.json then says so (allowed_dirty)")
 
 # %% ../nbs/08_cli.ipynb 15
 class _LazyParser(argparse.ArgumentParser):
@@ -484,10 +485,13 @@ def summary_table(metrics:dict, # the demo's `metrics.json` contents
     return pd.DataFrame(rows, columns=['evaluation', 'model', 'accuracy', 'macro F1 (ABAW F1)'])
 
 # %% ../nbs/08_cli.ipynb 87
+DEMO_MODULES = (*DECIDING_MODULES, 'cli')  # the code the demo's numbers depend on: its settings and summary live in `cli`
+
 def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results (reused when run again)
              base:str|None=None, # base checkpoint of any supported family; None: the tiny pre-trained face model shipped with cer_nb
              quick:bool=False, # tiny sizes (`DEMO_QUICK`), for tests
              quiet:bool=False, # no progress bars or step messages
+             allow_dirty:bool=False, # run although the code differs from its git commit, and say so in `metrics.json`
              **overrides, # changes to `DEMO_DEFAULTS`; `None` values are ignored
             ) -> dict:
     "Run the two-stage pipeline on synthetic data; write `out/metrics.json`, confusion PNGs and ABAW submissions; return the metrics."
@@ -495,6 +499,7 @@ def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results 
     t0, s, out = time.perf_counter(), demo_settings(quick, **overrides), Path(out).resolve()
     base = _model_ref(base) if base else tiny_base()
     out.mkdir(parents=True, exist_ok=True); _claim_out(out, s, base); _hush_libraries()
+    require_clean(allow_dirty, 'cer_nb demo', modules=DEMO_MODULES)  # refused before anything trains
     timings = {}
     _say(f"synthetic data in {out/'data'}", quiet)
     with _timed(timings, 'data'): data = demo_data(out, s)
@@ -503,7 +508,8 @@ def run_demo(out='cer_nb_demo', # folder for the data, the runs and the results 
     from cer_nb.infer import clear_checkpoints; clear_checkpoints()
     timings |= {f"seed{r['seed']}/{k}": v for r in per_seed for k, v in r['timings'].items()}
     timings['total'] = round(time.perf_counter() - t0, 2)
-    metrics = {'synthetic': True, 'note': SYNTHETIC_NOTE, 'settings': s, 'base_model': base, **provenance(), 'seeds': s['seeds'], 'data_counts': data_counts(data),
+    metrics = {'synthetic': True, 'note': SYNTHETIC_NOTE, 'settings': s, 'base_model': base, **require_clean(allow_dirty, 'cer_nb demo', modules=DEMO_MODULES),
+               'seeds': s['seeds'], 'data_counts': data_counts(data),
                'timings': timings, **summarise_seeds(per_seed), 'files': files,
                'per_seed': {str(r['seed']): {k: v for k, v in r.items() if k not in ('predictions', 'timings')} for r in per_seed}}
     write_json(metrics, out/'metrics.json')
@@ -517,7 +523,7 @@ def cmd_demo(args:argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     keys = ('basic', 'compound', 'steps1', 'steps2', 'videos', 'batch_size', 'lr', 'data_seed')
     seeds = args.seeds or ([args.seed] if args.seed is not None else None)
-    m = run_demo(args.out, base=args.base, quick=args.quick, quiet=args.quiet, seeds=seeds, **{k: getattr(args, k) for k in keys})
+    m = run_demo(args.out, base=args.base, quick=args.quick, quiet=args.quiet, allow_dirty=args.allow_dirty, seeds=seeds, **{k: getattr(args, k) for k in keys})
     table = summary_table(m)
     table = table.to_string(index=False, justify='left', formatters={c: f'{{:<{table[c].str.len().max()}}}'.format for c in table.columns[:2]})
     seeds = ', '.join(map(str, m['seeds']))
@@ -526,5 +532,5 @@ def cmd_demo(args:argparse.Namespace) -> int:
           f"results: {Path(args.out)/'metrics.json'}, {', '.join(Path(f).name for f in m['files'].values())}")
     return 0
 
-# %% ../nbs/08_cli.ipynb 120
+# %% ../nbs/08_cli.ipynb 122
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # run as `python -m cer_nb.cli`; a notebook has no `__file__`

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import io, json, math
 from pathlib import Path
+from statistics import NormalDist
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
@@ -16,10 +17,11 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from .core import ABAW_COMPOUND, COMPONENTS, RAFDB_BASIC, RAFDB_COMPOUND, LabelSet, canonical_label, parse_label, write_atomic, write_json
 
 # %% auto 0
-__all__ = ['NO_ANSWER', 'WRONG_PARTS', 'classification_metrics', 'top_labels', 'abaw_f1', 'confusion_table', 'plot_confusion',
-           'plot_confusions', 'save_figure', 'component_errors', 'component_summary', 'lost_emotions',
-           'component_chance', 'plot_component_errors', 'reliability', 'plot_reliability', 'smooth_probs',
-           'prediction_switches', 'plot_frame_labels']
+__all__ = ['NO_ANSWER', 'WRONG_PARTS', 'GROUP_METRICS', 'MISSING_GROUP', 'classification_metrics', 'top_labels', 'abaw_f1',
+           'confusion_table', 'plot_confusion', 'plot_confusions', 'save_figure', 'component_errors',
+           'component_summary', 'lost_emotions', 'component_chance', 'plot_component_errors', 'reliability',
+           'plot_reliability', 'smooth_probs', 'prediction_switches', 'plot_frame_labels', 'group_report',
+           'plot_group_report']
 
 # %% ../nbs/07_evaluate.ipynb 6
 NO_ANSWER = '(no answer)'  # how a prediction of `None` (an unparseable answer) shows in tables and plots
@@ -359,3 +361,137 @@ def plot_frame_labels(tracks:dict, # name -> per-frame labels of one video (None
     ax.legend([Patch(color=cmap(i)) for i in shown], [labels[i] if i < k else 'other label' for i in shown],
               ncols=4, fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.22), frameon=False)
     return ax
+
+# %% ../nbs/07_evaluate.ipynb 76
+def _accuracy(t:np.ndarray, p:np.ndarray) -> np.ndarray:
+    "Accuracy of each row of a (samples, n) array of class codes."
+    return (t == p).mean(axis=1)
+
+def _macro_f1(t:np.ndarray, p:np.ndarray) -> np.ndarray:
+    "Macro F1 of each row of (samples, n) class codes over the classes in that row's truth (scikit-learn's, `labels=` those, `zero_division=0`)."
+    f1, present = np.zeros(len(t)), np.zeros(len(t))
+    for k in np.unique(t):
+        support, predicted, hit = (t == k).sum(1), (p == k).sum(1), ((t == k) & (p == k)).sum(1)
+        f1 += np.where(support > 0, 2 * hit / np.maximum(support + predicted, 1), 0); present += support > 0
+    return f1 / present
+
+GROUP_METRICS = {'accuracy': _accuracy, 'macro_f1': _macro_f1}  # each scores many bootstrap samples at once
+
+# %% ../nbs/07_evaluate.ipynb 78
+def _metric_fn(metric, classes:list) -> tuple[str, callable]:
+    "The name and the vectorised form of `metric`: a key of `GROUP_METRICS`, or a function `(y_true, y_pred) -> float` of label lists."
+    if isinstance(metric, str) and metric in GROUP_METRICS: return metric, GROUP_METRICS[metric]
+    if isinstance(metric, str) or not callable(metric):
+        raise ValueError(f"metric={metric!r}: expected one of {list(GROUP_METRICS)} or a function (y_true, y_pred) -> float")
+    names = np.array([*classes, None], dtype=object)  # code -1, an answer that named no label, is None
+    return getattr(metric, '__name__', 'metric'), lambda t, p: np.array([metric(list(names[a]), list(names[b])) for a, b in zip(t, p)], dtype=float)
+
+def _codes(y_true, y_pred) -> tuple[np.ndarray, np.ndarray, list]:
+    "`y_true` and `y_pred` as integer codes of one class list (a missing prediction is -1: never right), and that list."
+    for i, v in enumerate(y_true):
+        if _is_missing(v): raise ValueError(f"y_true[{i}]: {v!r} is missing; every example needs a true label")
+    classes = sorted({*map(str, y_true), *(str(v) for v in y_pred if not _is_missing(v))})
+    code = {c: i for i, c in enumerate(classes)}
+    return np.array([code[str(v)] for v in y_true]), np.array([-1 if _is_missing(v) else code[str(v)] for v in y_pred]), classes
+
+# %% ../nbs/07_evaluate.ipynb 81
+MISSING_GROUP = '(missing)'  # the group of a row whose attribute is not annotated
+
+def _group_columns(groups, n:int) -> dict:
+    "{attribute: values} of `groups`: a DataFrame or dict (an attribute a column), or one sequence (named by its `name`, else 'group')."
+    if isinstance(groups, pd.DataFrame): cols = {str(c): groups[c] for c in groups.columns}
+    elif isinstance(groups, dict): cols = {str(k): v for k, v in groups.items()}
+    else: cols = {str(getattr(groups, 'name', None) or 'group'): groups}
+    if not cols: raise ValueError("groups has no columns: give one column per attribute (e.g. gender, race, age)")
+    for k, v in cols.items():
+        if len(v) != n: raise ValueError(f"groups[{k!r}] has {len(v)} values but y_true has {n}")
+    return {k: v.reset_index(drop=True) if isinstance(v, pd.Series) else pd.Series(list(v), dtype=object) for k, v in cols.items()}
+
+def _group_order(values:pd.Series, order=None) -> list:
+    "The groups of `values` in `order` (then any others, sorted), else in a categorical's order, else sorted; `MISSING_GROUP` last."
+    present = [v for v in pd.unique(values) if not _is_missing(v)]
+    first = list(order) if order is not None else list(values.cat.categories) if isinstance(values.dtype, pd.CategoricalDtype) else []
+    return [v for v in first if v in present] + sorted((v for v in present if v not in first), key=str) + [MISSING_GROUP] * bool(values.isna().any())
+
+# %% ../nbs/07_evaluate.ipynb 84
+def _wilson(k:float, n:int, ci:float) -> tuple[float, float]:
+    "Wilson score interval of a proportion: `k` of `n`."
+    z = NormalDist().inv_cdf((1 + ci) / 2)
+    centre, half = (k + z*z/2) / (n + z*z), z * math.sqrt(k * (n - k) / n + z*z/4) / (n + z*z)
+    return max(0., centre - half), min(1., centre + half)
+
+def _interval(samples:np.ndarray, value:float, n:int, metric:str, ci:float) -> dict:
+    "The bootstrap percentile interval of `samples`; where they do not vary, Wilson's for accuracy, else the metric's whole range."
+    if samples.min() < samples.max():
+        lo, hi = np.quantile(samples, [(1 - ci) / 2, (1 + ci) / 2]); return {'lo': float(lo), 'hi': float(hi), 'interval': 'bootstrap'}
+    if metric == 'accuracy': return dict(zip(('lo', 'hi'), _wilson(value * n, n, ci))) | {'interval': 'wilson'}
+    return {'lo': 0., 'hi': 1., 'interval': 'no spread'} if metric in GROUP_METRICS else {'lo': np.nan, 'hi': np.nan, 'interval': 'no spread'}
+
+# %% ../nbs/07_evaluate.ipynb 87
+def _gaps(report:pd.DataFrame, samples:dict, ci:float, min_n:int) -> pd.DataFrame:
+    "Per attribute: the highest and lowest group of at least `min_n` examples, their difference and its bootstrap interval."
+    rows = []
+    for attr, r in report[report.n >= min_n].groupby('attribute', sort=False):
+        top, bottom = r.loc[r.value.idxmax()], r.loc[r.value.idxmin()]
+        d = samples[attr, top.group] - samples[attr, bottom.group]
+        rows.append(dict(attribute=attr, highest=top.group, lowest=bottom.group, gap=top.value - bottom.value, n_highest=top.n, n_lowest=bottom.n,
+                         lo=float(np.quantile(d, (1 - ci) / 2)), hi=float(np.quantile(d, (1 + ci) / 2))))
+    missing = [dict(attribute=a) for a in report.attribute.unique() if a not in {r['attribute'] for r in rows}]  # fewer than two groups of `min_n`
+    return pd.DataFrame(rows + missing, columns=['attribute', 'highest', 'lowest', 'gap', 'lo', 'hi', 'n_highest', 'n_lowest'])
+
+# %% ../nbs/07_evaluate.ipynb 88
+def group_report(y_true, # true labels
+                 y_pred, # predicted labels; `None` (an answer that named no label) is wrong
+                 groups, # each example's group: one sequence, or a DataFrame (or dict) with a column per attribute, e.g. gender, race, age
+                 metric='accuracy', # a key of `GROUP_METRICS` ('accuracy', 'macro_f1') or a function `(y_true, y_pred) -> float`
+                 n_boot:int=1000, # bootstrap resamples of each group
+                 seed:int=0, # seed of the resampling
+                 ci:float=0.95, # coverage of the intervals
+                 order:dict|None=None, # {attribute: its groups in display order}, e.g. `cer_nb.data.RAFDB_ATTRIBUTES`
+                 min_n:int=10, # groups smaller than this are reported but left out of the largest gap
+                ) -> pd.DataFrame:
+    "`metric` per group of each attribute, with counts and intervals; `.attrs['gaps']`: each attribute's largest gap between groups."
+    y_true, y_pred = _paired(y_true, y_pred)
+    if n_boot < 1 or not 0 < ci < 1: raise ValueError(f"n_boot={n_boot}, ci={ci}: need at least 1 resample and a coverage between 0 and 1")
+    t, p, classes = _codes(y_true, y_pred)
+    name, f = _metric_fn(metric, classes)
+    rng, rows, samples = np.random.default_rng(seed), [], {}
+    for attr, values in _group_columns(groups, len(t)).items():
+        filled = values.astype(object).where(values.notna(), MISSING_GROUP).to_numpy()
+        for g in _group_order(values, (order or {}).get(attr)):
+            i = np.flatnonzero(filled == g); value = float(f(t[i][None], p[i][None])[0])
+            draw = i[rng.integers(0, len(i), (n_boot, len(i)))]; samples[attr, g] = f(t[draw], p[draw])
+            rows.append(dict(attribute=attr, group=g, n=len(i), share=len(i) / len(t), metric=name, value=value, **_interval(samples[attr, g], value, len(i), name, ci)))
+    report = pd.DataFrame(rows)
+    report.attrs.update(overall=float(f(t[None], p[None])[0]), gaps=_gaps(report, samples, ci, min_n), ci=ci, min_n=min_n, metric=name)
+    return report
+
+# %% ../nbs/07_evaluate.ipynb 96
+def _group_panel(ax:plt.Axes, r:pd.DataFrame, gap:pd.Series, overall:float, min_n:int, colour):
+    "One attribute's groups: a point (area ~ count) and its interval each, the overall value dashed, the largest gap in the title."
+    x, small = np.arange(len(r)), (r.n < min_n).to_numpy()
+    for xi, row, s in zip(x, r.itertuples(), small):
+        ax.errorbar(xi, row.value, yerr=[[row.value - row.lo], [row.hi - row.value]], fmt='none', ecolor='0.6' if s else colour, elinewidth=2, capsize=4)
+    ax.scatter(x, r.value, s=30 + 300 * np.sqrt(r.share), c=[('white' if s else colour) for s in small], edgecolors=colour, linewidths=1.5, zorder=3)
+    ax.axhline(overall, ls='--', c='0.5', lw=1)
+    ax.set_xticks(x, [f'{g}\nn={k:,}' for g, k in zip(r.group, r.n)], fontsize=8)
+    found = not pd.isna(gap.gap)
+    ax.set_title(f"{gap.attribute}: gap {gap.gap:.2f} [{gap.lo:.2f}, {gap.hi:.2f}]\n{gap.highest} − {gap.lowest}" if found else f"{gap.attribute}: no two groups of {min_n}+", fontsize=10)
+    ax.set_xlim(-.6, len(r) - .4); sns.despine(ax=ax)
+
+# %% ../nbs/07_evaluate.ipynb 97
+def plot_group_report(report:pd.DataFrame, # from `group_report`
+                      title:str|None=None, # above the panels; say what the data are (SYNTHETIC, RAF-DB test, …)
+                      height:float=3.2, # inches
+                     ) -> plt.Figure:
+    "One panel per attribute: each group's value with its interval (hollow: too small for the gap) and count, the overall value dashed."
+    a, attrs = report.attrs, list(dict.fromkeys(report.attribute))
+    widths = [report.attribute.eq(x).sum() + 1 for x in attrs]
+    fig, axes = plt.subplots(1, len(attrs), figsize=(1.1 * sum(widths) + 1, height), sharey=True, squeeze=False, gridspec_kw={'width_ratios': widths})
+    gaps = a['gaps'].set_index('attribute', drop=False)
+    for ax, attr, colour in zip(axes[0], attrs, sns.color_palette('deep')):
+        _group_panel(ax, report[report.attribute == attr].reset_index(drop=True), gaps.loc[attr], a['overall'], a['min_n'], colour)
+    axes[0][0].set_ylabel(f"{a['metric']} ({a['ci']:.0%} interval)")
+    fig.suptitle(title or f"{a['metric']} by group (dashed: all examples {a['overall']:.2f}; hollow: fewer than {a['min_n']})", fontsize=11)
+    fig.tight_layout()
+    return fig

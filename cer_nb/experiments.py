@@ -206,34 +206,44 @@ def adapter_params(run) -> int:
     with safe_open(Path(run)/'adapter_model.safetensors', 'np') as f: return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys()))
 
 # %% ../nbs/09_experiments.ipynb 49
+def _fresh_result(path:Path) -> dict|None:
+    "The result at `path` if it exists and was made by the current deciding code; None if it must be measured (again)."
+    from cer_nb.runs import code_changes
+    if not path.exists(): return None
+    result = json.loads(path.read_text())
+    if not (changed := code_changes(result.get('code'))): return result
+    print(f"{path}: made by other code ({', '.join(changed)}): measuring it again")
+
+# %% ../nbs/09_experiments.ipynb 50
 def run_condition(experiment:str, # the experiment's name: the results subfolder
                   cond:Condition, # the arm
                   seed:int, # the seed
                   measures:tuple=('compound',), # keys of `MEASURES`
                   bench:Benchmark=Benchmark(), # data and training budget
                   results='results', # the results folder
+                  allow_dirty:bool=False, # run on a dirty tree (uncommitted code), and say so in the result
                  ) -> dict:
-    "Train (or reuse) and measure one condition for one seed, writing its result file once; returns the result."
-    from cer_nb.runs import read_run_info, provenance
+    "Train (or reuse) and measure one condition for one seed, writing its result file once per version of the deciding code; returns the result."
+    from cer_nb.runs import read_run_info, require_clean
     from cer_nb.infer import clear_checkpoints
     from cer_nb.core import write_json
-    path = Path(results)/experiment/f'{cond.name}_seed{seed}.json'
-    if path.exists(): return json.loads(path.read_text())
+    path, what = Path(results)/experiment/f'{cond.name}_seed{seed}.json', f'{experiment}: {cond.name} seed {seed}'
+    if (done := _fresh_result(path)) is not None: return done
     if bad := [m for m in measures if m not in MEASURES]: raise ValueError(f"unknown measures {bad}; expected some of {list(MEASURES)}")
-    start = time.time()
+    start = time.time(); require_clean(allow_dirty, what)  # before training: refused early
     run = train_condition(cond, seed, bench)
     info = read_run_info(run)
     stages = [info] + ([read_run_info(info['config']['init_from'])] if cond.method == 'two-stage' else [])
+    metrics = {m: MEASURES[m](run, bench) for m in measures}
     result = dict(experiment=experiment, condition=cond.name, seed=seed, **asdict(cond), benchmark=bench.spec(),
                   train_steps=sum(s['metrics']['steps'] for s in stages), train_seconds=round(sum(s['metrics']['seconds'] for s in stages), 2),
-                  train_loss=info['metrics']['train_loss'], adapter_params=adapter_params(run), **provenance(),
-                  metrics={m: MEASURES[m](run, bench) for m in measures})
+                  train_loss=info['metrics']['train_loss'], adapter_params=adapter_params(run), **require_clean(allow_dirty, what), metrics=metrics)
     result['wall_seconds'] = round(time.time() - start, 2)  # this call: training only what was missing, and measuring
     clear_checkpoints()
     write_json(result, path)
     return result
 
-# %% ../nbs/09_experiments.ipynb 52
+# %% ../nbs/09_experiments.ipynb 55
 def _headline(metrics:dict) -> str:
     "Accuracies (and ABAW F1, raw/smoothed) of a result's measures, in one line."
     parts = []
@@ -243,30 +253,40 @@ def _headline(metrics:dict) -> str:
         else: parts += [f"{k} acc {v['accuracy']:.3f}" for k, v in m.items() if isinstance(v, dict) and 'accuracy' in v]
     return ', '.join(parts)
 
-# %% ../nbs/09_experiments.ipynb 54
+# %% ../nbs/09_experiments.ipynb 57
+def _benchmark_file(bench:Benchmark, results, allow_dirty:bool) -> Path:
+    "Write `results/benchmark.json` unless it describes `bench` and was made by the current code; another benchmark's is refused."
+    from cer_nb.core import write_json
+    from cer_nb.runs import code_changes, require_clean
+    record = Path(results)/'benchmark.json'
+    old = json.loads(record.read_text()) if record.exists() else None
+    if old and old['key'] != bench.key:
+        raise ValueError(f"{record} describes benchmark {old['key']}, not {bench.key}: use another results folder for another benchmark")
+    if old is None or code_changes(old.get('code')):
+        write_json(benchmark_record(bench) | require_clean(allow_dirty, f'the benchmark record {record}'), record)
+    return record
+
+# %% ../nbs/09_experiments.ipynb 58
 def run_experiment(experiment:str, # the results subfolder
                    conditions:list, # the `Condition`s, in the order to run them
                    seeds=(0, 1, 2), # seeds of every condition
                    measures=('compound',), # keys of `MEASURES`, or a function of the condition that returns them
                    bench:Benchmark=Benchmark(), # data and training budget
                    results='results', # the results folder
+                   allow_dirty:bool=False, # run on a dirty tree (uncommitted code), and say so in every result
                   ) -> list[dict]:
     "Run (or read back) every condition for every seed; returns the results."
-    from cer_nb.core import write_json
-    record = Path(results)/'benchmark.json'
-    if not record.exists(): write_json(benchmark_record(bench), record)
-    elif (key := json.loads(record.read_text())['key']) != bench.key:
-        raise ValueError(f"{record} describes benchmark {key}, not {bench.key}: use another results folder for another benchmark")
+    _benchmark_file(bench, results, allow_dirty)
     start, out = time.time(), []
     for cond in conditions:
         for seed in seeds:
-            r = run_condition(experiment, cond, seed, measures(cond) if callable(measures) else measures, bench, results)
+            r = run_condition(experiment, cond, seed, measures(cond) if callable(measures) else measures, bench, results, allow_dirty)
             print(f"{cond.name} seed {seed}: {_headline(r['metrics'])} | trained {r['train_steps']} steps in {r['train_seconds']:.0f} s | {r['wall_seconds']:.0f} s when run")
             out.append(r)
     print(f"{time.time() - start:.0f} s this execution (finished results are read back, not recomputed)")
     return out
 
-# %% ../nbs/09_experiments.ipynb 57
+# %% ../nbs/09_experiments.ipynb 61
 def _flat(d:dict, prefix:str='') -> dict:
     out = {}
     for k, v in d.items():
@@ -291,7 +311,7 @@ def summarise(df:pd.DataFrame, # from `load_results`
     "Mean, sample standard deviation and number of seeds of `metric` per condition."
     return df.groupby(by, sort=False)[metric].agg(mean='mean', sd='std', seeds='count')
 
-# %% ../nbs/09_experiments.ipynb 60
+# %% ../nbs/09_experiments.ipynb 64
 def mean_sd_table(df:pd.DataFrame, # from `load_results`
                   index:list|str, # row conditions
                   columns:list|str|None=None, # column conditions
@@ -305,7 +325,7 @@ def mean_sd_table(df:pd.DataFrame, # from `load_results`
     cell = s.apply(lambda r: f"{r['mean']:.{digits}f} ± {r['sd']:.{digits}f} ({r['seeds']:.0f})", axis=1).rename(metric)
     return cell.unstack(columns) if columns is not None else cell.to_frame()
 
-# %% ../nbs/09_experiments.ipynb 62
+# %% ../nbs/09_experiments.ipynb 66
 def paired_differences(df:pd.DataFrame, # from `load_results`
                        arm:str, # the column that tells the two arms apart, e.g. 'method'
                        a, b, # the two arms: differences are a − b
@@ -319,7 +339,7 @@ def paired_differences(df:pd.DataFrame, # from `load_results`
     g = d.groupby(keys[1:], sort=False)['diff'] if len(keys) > 1 else d.groupby(lambda _: f'{a} − {b}')['diff']
     return g.agg(mean='mean', sd='std', seeds='count', wins=lambda x: int((x > 0).sum()))
 
-# %% ../nbs/09_experiments.ipynb 65
+# %% ../nbs/09_experiments.ipynb 69
 def background_priority(niceness:int=10) -> int:
     "Lower this process's CPU priority to `niceness` unless it is already lower; returns the niceness now."
     if os.getpriority(os.PRIO_PROCESS, 0) < niceness: os.setpriority(os.PRIO_PROCESS, 0, niceness)

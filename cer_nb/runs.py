@@ -4,20 +4,23 @@
 
 # %% ../nbs/03b_runs.ipynb 4
 from __future__ import annotations
-import errno, hashlib, json, platform, re, shutil, subprocess, warnings, zipfile
+import errno, hashlib, io, json, platform, re, shutil, subprocess, tokenize, warnings, zipfile
 from collections import Counter
 from importlib import metadata
 from contextlib import contextmanager
 from pathlib import Path
+import cer_nb
 from .core import write_json, is_hub_id, hub_revision
 
 # %% auto 0
 __all__ = ['RUN_INFO', 'LOG_HISTORY', 'TRAIN_ROWS', 'CHECKPOINTS', 'RECIPE', 'RECIPE_KEYS', 'ADAPTER_CONFIG', 'ADAPTER_WEIGHTS',
-           'PROVENANCE_PACKAGES', 'SAMPLED_ABOVE', 'SAMPLE', 'TRAINER_STATE', 'CHECKPOINT_FILES', 'LOW_SPACE',
-           'read_run_info', 'read_run', 'git_commit', 'versions', 'provenance', 'file_digest', 'data_fingerprint',
-           'base_fingerprint', 'init_fingerprint', 'run_recipe', 'recipe_changes', 'check_recipe', 'finished_run',
-           'checkpoint_state', 'checkpoint_problem', 'last_complete_checkpoint', 'start_run', 'resume_point',
-           'no_space_error', 'full_disk_reported', 'write_run']
+           'PACKAGE_DIR', 'PROVENANCE_PACKAGES', 'NOT_DECIDING', 'DECIDING_MODULES', 'SAMPLED_ABOVE', 'SAMPLE',
+           'TRAINER_STATE', 'CHECKPOINT_FILES', 'LOW_SPACE', 'read_run_info', 'read_run', 'git_commit', 'versions',
+           'code_fingerprint', 'provenance', 'DirtyTreeError', 'require_clean', 'code_changes', 'stale_results',
+           'StaleResultsError', 'check_fresh', 'file_digest', 'data_fingerprint', 'base_fingerprint',
+           'init_fingerprint', 'run_recipe', 'recipe_changes', 'check_recipe', 'finished_run', 'checkpoint_state',
+           'checkpoint_problem', 'last_complete_checkpoint', 'start_run', 'resume_point', 'no_space_error',
+           'full_disk_reported', 'write_run']
 
 # %% ../nbs/03b_runs.ipynb 7
 RUN_INFO = 'cer_nb.json'  # a finished run's record: written last, so its presence means the run is complete
@@ -49,12 +52,18 @@ def read_run(checkpoint) -> dict:
             'labels': None, 'variant': None, 'image_size': None, 'max_pixels': None, 'path': None}
 
 # %% ../nbs/03b_runs.ipynb 14
-def git_commit(folder=None, # a folder inside the repository (default: the working directory)
+PACKAGE_DIR = Path(cer_nb.__file__).parent  # the package's code: in an editable install, the checkout's `cer_nb/`
+
+def git_commit(folder=None, # a folder inside the repository: its tracked files are the ones checked (default: `PACKAGE_DIR`)
               ) -> dict:
-    "The commit checked out in the git repository holding `folder`, and whether tracked files differ from it; None for both outside one."
-    def git(*args): return subprocess.run(['git', *args], cwd=folder, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    try: return {'commit': git('rev-parse', 'HEAD'), 'dirty': bool(git('status', '--porcelain', '--untracked-files=no'))}
-    except (OSError, subprocess.SubprocessError): return {'commit': None, 'dirty': None}
+    "The commit checked out around `folder`, whether tracked files under it differ from it, and which; None outside a checkout of it."
+    def git(*args): return subprocess.run(['git', *args], cwd=folder or PACKAGE_DIR, capture_output=True, text=True, check=True, timeout=10).stdout
+    try:
+        if not git('ls-files', '--', '.').strip(): raise subprocess.SubprocessError  # a package installed inside someone else's repository
+        commit, status = git('rev-parse', 'HEAD').strip(), git('status', '--porcelain', '--untracked-files=no', '--', '.')
+    except (OSError, subprocess.SubprocessError): return {'commit': None, 'dirty': None, 'changed': []}
+    changed = [line[3:] for line in status.splitlines() if line]
+    return {'commit': commit, 'dirty': bool(changed), 'changed': changed}
 
 # %% ../nbs/03b_runs.ipynb 16
 PROVENANCE_PACKAGES = ('cer_nb', 'torch', 'transformers', 'peft', 'accelerate')  # the packages whose versions a run records
@@ -66,12 +75,123 @@ def versions() -> dict:
         except metadata.PackageNotFoundError: return None
     return {'python': platform.python_version(), **{p: version(p) for p in PROVENANCE_PACKAGES}}
 
-def provenance(folder=None) -> dict:
-    "What code made a run: the git commit of `folder` (default: the working directory), its dirty flag, the package versions."
-    g = git_commit(folder)
-    return {'git_commit': g['commit'], 'git_dirty': g['dirty'], 'versions': versions()}
-
 # %% ../nbs/03b_runs.ipynb 19
+NOT_DECIDING = ('__init__', '_modidx', 'cli')  # the version string, nbdev's docs index, the command line's parsing and printing
+
+def _parts() -> tuple:
+    "Every module of the package, then every folder of its `assets/`."
+    return (*sorted(p.stem for p in PACKAGE_DIR.glob('*.py')), *sorted(f'assets/{d.name}' for d in (PACKAGE_DIR/'assets').glob('*') if d.is_dir()))
+
+DECIDING_MODULES = tuple(p for p in _parts() if p not in NOT_DECIDING)  # the code (and shipped model) a result's numbers depend on
+
+def _code_text(source:str) -> str:
+    "`source` without its comments and blank lines: what runs."
+    lines = source.splitlines()
+    for t in tokenize.generate_tokens(io.StringIO(source).readline):
+        if t.type == tokenize.COMMENT: lines[t.start[0] - 1] = lines[t.start[0] - 1][:t.start[1]]
+    return '\n'.join(l.rstrip() for l in lines if l.strip())
+
+# %% ../nbs/03b_runs.ipynb 21
+def _part_digest(part:str) -> str:
+    "The 16-hex-digit SHA-256 of module `part`'s code, or of every file of the asset folder `part`."
+    p = PACKAGE_DIR/part
+    if p.is_dir():
+        files = sorted(f for f in p.rglob('*') if f.is_file())
+        return _sha(b''.join(f.relative_to(p).as_posix().encode() + b'\0' + hashlib.sha256(f.read_bytes()).digest() for f in files))
+    if not (f := PACKAGE_DIR/f'{part}.py').is_file(): raise FileNotFoundError(f"cer_nb has no module {part!r} ({f} is missing)")
+    return _sha(_code_text(f.read_text(encoding='utf-8')).encode())
+
+def _sha(b:bytes) -> str: return hashlib.sha256(b).hexdigest()[:16]
+
+def code_fingerprint(modules=DECIDING_MODULES, # module names (`infer`) and asset folders (`assets/…`) of the package
+                    ) -> dict:
+    "A short SHA-256 of each of `modules`, from the installed package's files; no module is imported."
+    return {m: _part_digest(m) for m in modules}
+
+# %% ../nbs/03b_runs.ipynb 24
+def provenance(folder=None, # as in `git_commit`
+               allowed_dirty:bool|None=None, # whether a run was told to go ahead on a dirty tree; None: not checked, not recorded
+               modules=DECIDING_MODULES, # the parts whose fingerprint is recorded
+              ) -> dict:
+    "What code made a result: commit, dirty flag and changed files of the package's checkout, versions, and the deciding code's fingerprint."
+    g = git_commit(folder)
+    checked = {} if allowed_dirty is None else {'allowed_dirty': allowed_dirty}
+    return {'git_commit': g['commit'], 'git_dirty': g['dirty'], 'dirty_files': g['changed'], **checked, 'versions': versions(),
+            'code': code_fingerprint(modules)}
+
+# %% ../nbs/03b_runs.ipynb 27
+class DirtyTreeError(ValueError):
+    "A run refused because the code that would make its result is not the committed code."
+
+def _file_digests() -> dict: return {p.name: _sha(p.read_bytes()) for p in sorted(PACKAGE_DIR.glob('*.py'))}
+_IMPORTED = _file_digests()  # the package's files as this process imported them
+
+def _changed_since_import() -> list[str]:
+    now = _file_digests()
+    return sorted(f for f in now.keys() | _IMPORTED.keys() if now.get(f) != _IMPORTED.get(f))
+
+# %% ../nbs/03b_runs.ipynb 28
+def require_clean(allow_dirty:bool=False, # go ahead on a dirty tree, and say so in the record
+                  what:str='this run', # what is refused, for the message
+                  folder=None, # as in `git_commit`
+                  modules=DECIDING_MODULES, # the parts whose fingerprint is recorded
+                 ) -> dict:
+    "The `provenance` to record for a result; refused on a dirty tree unless `allow_dirty`, and if the code changed since it was imported."
+    if moved := _changed_since_import():
+        raise DirtyTreeError(f"{what} refused: cer_nb's files changed since this process imported them ({', '.join(moved)}), so the code "
+                             "running is not the code on disk: restart the Python process (or notebook kernel) and run it again")
+    p = provenance(folder, allow_dirty, modules)
+    if p['git_dirty'] and not allow_dirty:
+        files = p['dirty_files']
+        raise DirtyTreeError(f"{what} refused: the code that decides its numbers differs from commit {p['git_commit'][:12]} in "
+                             f"{', '.join(files[:8])}{f' and {len(files) - 8} more' if len(files) > 8 else ''}: commit them (or revert them) "
+                             "and run it again, or pass allow_dirty=True to record a result made by uncommitted code")
+    return p
+
+# %% ../nbs/03b_runs.ipynb 31
+def code_changes(recorded:dict|None, # a result's `code` fingerprint; None if it has none
+                 current:dict|None=None, # the current fingerprint of every part of the package (`code_fingerprint(_parts())`); None: computed
+                ) -> list[str]:
+    "The parts of the deciding code that differ between fingerprint `recorded` and the current code; empty if the result is fresh."
+    if not recorded: return ['no code fingerprint recorded']
+    names = sorted(set(DECIDING_MODULES) | set(recorded))
+    if current is None: current = code_fingerprint([n for n in names if n in _parts()])
+    def why(n): return f'{n} (not recorded)' if n not in recorded else f'{n} (no longer in cer_nb)' if n not in current else n
+    return [why(n) for n in names if recorded.get(n) != current.get(n)]
+
+# %% ../nbs/03b_runs.ipynb 34
+def _records(results) -> dict:
+    "{name: record} of `results`: a {name: record} dict, a folder (every `*.json` under it), a file, or a list of files and folders."
+    if isinstance(results, dict): return results
+    files = [f for r in ([results] if isinstance(results, (str, Path)) else results)
+             for f in (sorted(Path(r).rglob('*.json')) if Path(r).is_dir() else [Path(r)])]
+    def read(f):
+        try: return json.loads(f.read_text(encoding='utf-8'))
+        except FileNotFoundError: raise FileNotFoundError(f"no result file {f}") from None
+        except ValueError as e: raise ValueError(f"result file {f} is not valid JSON ({e})") from None
+    return {str(f): read(f) for f in files}
+
+def stale_results(results, # result files: a folder (every `*.json` under it), a file, a list of them, or a {name: record} dict
+                 ) -> dict:
+    "Each result made by other deciding code than the current, with the parts that differ: {file: [modules]}; empty if all are fresh."
+    current = code_fingerprint(_parts())
+    changes = {f: code_changes(r.get('code') if isinstance(r, dict) else None, current) for f, r in _records(results).items()}
+    return {f: c for f, c in changes.items() if c}
+
+# %% ../nbs/03b_runs.ipynb 36
+class StaleResultsError(RuntimeError):
+    "Results made by other code than the current code of the parts that decide them."
+
+def check_fresh(results, # as for `stale_results`
+               ) -> int:
+    "Fail loudly, listing every stale result and the parts that changed, unless all of `results` are fresh; the number checked."
+    n, stale = len(_records(results)), stale_results(results)
+    if stale: raise StaleResultsError(f"{len(stale)} of {n} result files were made by other code than the current cer_nb, so they may not be what it produces:\n"
+                                      + '\n'.join(f"  {f}: {', '.join(c)}" for f, c in stale.items())
+                                      + "\nRe-run what wrote them (the experiment notebooks, `cer_nb demo`) on the current, committed code.")
+    return n
+
+# %% ../nbs/03b_runs.ipynb 39
 SAMPLED_ABOVE = 64 * 2**20  # files larger than this are hashed on their size and first and last `SAMPLE` bytes
 SAMPLE = 8 * 2**20
 
@@ -87,7 +207,7 @@ def file_digest(path) -> str:
 
 def _digest_json(obj) -> str: return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
-# %% ../nbs/03b_runs.ipynb 22
+# %% ../nbs/03b_runs.ipynb 42
 def _identity(rows:dict) -> list[tuple]:
     "Each row as what it teaches — label, image content, prompt — without its path (a copied dataset is the same data)."
     return list(zip(rows['label'], rows['digest'], rows.get('prompt') or [None] * len(rows['label'])))
@@ -109,7 +229,7 @@ def data_fingerprint(train, # the training rows: a table with `path` and `label`
     if prompts is not None: rows['prompt'] = [hashlib.sha256(q.encode()).hexdigest()[:16] for q in prompts]
     return {'rows': len(paths), 'sha256': _digest_json(_identity(rows))}, rows
 
-# %% ../nbs/03b_runs.ipynb 25
+# %% ../nbs/03b_runs.ipynb 45
 def base_fingerprint(base_model:str) -> dict:
     "What identifies a base model: the digest of every file of a local folder, or a Hub id and its locally cached revision."
     p = Path(base_model).expanduser()
@@ -120,14 +240,14 @@ def base_fingerprint(base_model:str) -> dict:
         raise FileNotFoundError(f"no base model at {base_model} (neither a folder nor a Hub id like 'Qwen/Qwen2-VL-2B-Instruct')")
     return {'hub_id': str(base_model), 'revision': hub_revision(str(base_model))}
 
-# %% ../nbs/03b_runs.ipynb 28
+# %% ../nbs/03b_runs.ipynb 48
 def init_fingerprint(init_from) -> dict|None:
     "What identifies the finished run a stage starts from: its adapter's digest and its recipe's; None without one."
     if not init_from: return None
     info = read_run_info(init_from)
     return {'adapter': file_digest(Path(init_from)/ADAPTER_WEIGHTS), 'recipe': _digest_json({k: info.get(k) for k in RECIPE_KEYS})}
 
-# %% ../nbs/03b_runs.ipynb 31
+# %% ../nbs/03b_runs.ipynb 51
 def run_recipe(config:dict, # the stage's settings (`asdict` of a `StageConfig`), with `base_model` and `init_from`
                train, # the training rows: `path` and `label` columns
                prompts:list[str]|None=None, # a question per row, for a stage that has them
@@ -139,7 +259,7 @@ def run_recipe(config:dict, # the stage's settings (`asdict` of a `StageConfig`)
                   init=init_fingerprint(config.get('init_from')), trainer_args=trainer_args or {})
     return json.loads(json.dumps(recipe, default=str)), rows  # as it reads back from JSON, so recipes compare equal
 
-# %% ../nbs/03b_runs.ipynb 34
+# %% ../nbs/03b_runs.ipynb 54
 def _row_changes(old:dict, new:dict) -> str:
     "How the training rows `new` differ from `old`: relabelled, new and dropped images, with an example."
     o, n = _identity(old), _identity(new)
@@ -157,7 +277,7 @@ def _row_changes(old:dict, new:dict) -> str:
     if len(parts) == 1: parts.append('other prompts' if old.get('prompt') != new.get('prompt') else 'images repeated a different number of times')
     return ', '.join(parts)
 
-# %% ../nbs/03b_runs.ipynb 36
+# %% ../nbs/03b_runs.ipynb 56
 def _base_changes(old:dict|None, new:dict) -> str|None:
     "How base-model fingerprint `new` differs from `old`, None if not (a Hub revision unknown on one side is not a difference)."
     if old == new: return None
@@ -170,7 +290,7 @@ def _base_changes(old:dict|None, new:dict) -> str|None:
              f"{', '.join(k for k in o if k not in n)} removed"]
     return '; '.join(p for p in parts if not p.startswith(' '))
 
-# %% ../nbs/03b_runs.ipynb 38
+# %% ../nbs/03b_runs.ipynb 58
 def recipe_changes(old:dict, # the recipe an existing run or checkpoint was made by
                    new:dict, # the recipe asked for now
                    old_rows:dict|None=None, new_rows:dict|None=None, # their training rows, to say which rows differ
@@ -189,7 +309,7 @@ def recipe_changes(old:dict, # the recipe an existing run or checkpoint was made
         changes.append(f"init_from: {new['config'].get('init_from')} is not the run this one started from (retrained or replaced)")
     return changes
 
-# %% ../nbs/03b_runs.ipynb 41
+# %% ../nbs/03b_runs.ipynb 61
 def check_recipe(run_dir, # the run directory
                  what:str, # what it holds, for the message: 'a finished run', 'an interrupted run'
                  old:dict, new:dict, old_rows:dict|None=None, new_rows:dict|None=None): # as in `recipe_changes`
@@ -198,7 +318,7 @@ def check_recipe(run_dir, # the run directory
     if changes: raise FileExistsError(f"{run_dir} holds {what} made differently: {'; '.join(changes)}. "
                                       f"Choose another run directory, or delete {run_dir} to train this one afresh.")
 
-# %% ../nbs/03b_runs.ipynb 43
+# %% ../nbs/03b_runs.ipynb 63
 def _read_rows(f:Path) -> dict|None:
     try: return json.loads(f.read_text())
     except (OSError, ValueError): return None
@@ -211,7 +331,7 @@ def finished_run(run_dir, recipe:dict, rows:dict) -> bool:
     check_recipe(run_dir, 'a finished run', {k: info.get(k) for k in RECIPE_KEYS}, recipe, _read_rows(run_dir/TRAIN_ROWS), rows)
     return True
 
-# %% ../nbs/03b_runs.ipynb 46
+# %% ../nbs/03b_runs.ipynb 66
 def _safetensors_problem(f:Path) -> str|None:
     "Why the safetensors file `f` is not whole, None if it is: its header parses and its tensors end where the file does."
     size = f.stat().st_size
@@ -229,7 +349,7 @@ def _zip_problem(f:Path) -> str|None:
         with zipfile.ZipFile(f) as z: z.infolist()
     except (OSError, zipfile.BadZipFile) as e: return f"{f.name} is truncated or corrupt ({e})"
 
-# %% ../nbs/03b_runs.ipynb 47
+# %% ../nbs/03b_runs.ipynb 67
 TRAINER_STATE = 'trainer_state.json'  # in a checkpoint: the Trainer's step, `max_steps` and log, written last
 CHECKPOINT_FILES = (TRAINER_STATE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, 'optimizer.pt', 'scheduler.pt')  # and rng_state*.pth
 
@@ -250,7 +370,7 @@ def checkpoint_problem(folder) -> str|None:
     problems = [_safetensors_problem(folder/ADAPTER_WEIGHTS)] + [_zip_problem(f) for f in (folder/'optimizer.pt', folder/'scheduler.pt', *rng)]
     return next((p for p in problems if p), None)
 
-# %% ../nbs/03b_runs.ipynb 52
+# %% ../nbs/03b_runs.ipynb 72
 def _checkpoints(run_dir) -> list[Path]:
     "The Trainer checkpoint folders of `run_dir`, oldest step first."
     found = [p for p in (Path(run_dir)/CHECKPOINTS).glob('checkpoint-*') if p.is_dir() and re.fullmatch(r'checkpoint-\d+', p.name)]
@@ -264,7 +384,7 @@ def last_complete_checkpoint(run_dir, quiet:bool=False) -> Path|None:
         if not quiet: warnings.warn(f"skipping the incomplete checkpoint {c} ({problem}): the run stopped while writing it", stacklevel=2)
     return None
 
-# %% ../nbs/03b_runs.ipynb 53
+# %% ../nbs/03b_runs.ipynb 73
 def start_run(run_dir, recipe:dict, rows:dict, fresh:bool=False) -> Path:
     "Record in `run_dir`'s checkpoints folder what makes the run, before its first checkpoint (`fresh`: drop earlier checkpoints first)."
     ckpts = Path(run_dir)/CHECKPOINTS
@@ -273,7 +393,7 @@ def start_run(run_dir, recipe:dict, rows:dict, fresh:bool=False) -> Path:
     write_json(rows, ckpts/TRAIN_ROWS); write_json(recipe, ckpts/RECIPE)  # the recipe last: its presence vouches for both
     return ckpts
 
-# %% ../nbs/03b_runs.ipynb 55
+# %% ../nbs/03b_runs.ipynb 75
 def resume_point(run_dir, recipe:dict, rows:dict, resume:bool=True) -> Path|None:
     "The checkpoint to resume `run_dir` from — the last complete one — if its checkpoints were made by `recipe`; refused otherwise."
     ckpts = Path(run_dir)/CHECKPOINTS
@@ -287,7 +407,7 @@ def resume_point(run_dir, recipe:dict, rows:dict, resume:bool=True) -> Path|None
     if last is None: warnings.warn(f"no complete checkpoint in {ckpts}: training starts again from step 0", stacklevel=2)
     return last
 
-# %% ../nbs/03b_runs.ipynb 58
+# %% ../nbs/03b_runs.ipynb 78
 LOW_SPACE = 64 * 2**20  # torch's failed write (which never says why) counts as a full disk when less than this is free
 
 def _is_disk_full(exc:BaseException, free:int) -> bool:
@@ -305,7 +425,7 @@ def _free_bytes(folder:Path) -> int:
     folder = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
     return shutil.disk_usage(folder).free
 
-# %% ../nbs/03b_runs.ipynb 59
+# %% ../nbs/03b_runs.ipynb 79
 def no_space_error(exc:BaseException, # the error a write raised
                    folder, # the folder being written
                    resume_from=None, # the checkpoint the next call resumes from
@@ -317,7 +437,7 @@ def no_space_error(exc:BaseException, # the error a write raised
     return OSError(errno.ENOSPC, f"no space left on the device holding {folder} while writing it ({free / 2**20:,.1f} MiB free): "
                                  f"free some space and call it again with the same arguments; {then}")
 
-# %% ../nbs/03b_runs.ipynb 62
+# %% ../nbs/03b_runs.ipynb 82
 @contextmanager
 def full_disk_reported(folder, # the folder being written, or a function returning it when the error comes
                        run_dir=None, # the run directory, to name the checkpoint the next call resumes from
@@ -329,7 +449,7 @@ def full_disk_reported(folder, # the folder being written, or a function returni
         if err: raise err from e
         raise
 
-# %% ../nbs/03b_runs.ipynb 65
+# %% ../nbs/03b_runs.ipynb 85
 def write_run(run_dir, # the run directory, already holding the adapter and the processor
               info:dict, # the run's record: what prediction needs, the recipe, the metrics
               log_history:list, # the Trainer's log

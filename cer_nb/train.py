@@ -216,13 +216,14 @@ def train_stage(cfg:StageConfig, # what to train
     if trainer.is_world_process_zero(): start_run(run_dir, recipe, rows, fresh=not resume)
     start = time.time()
     out = _fit(trainer, run_dir, last)
+    with full_disk_reported(run_dir, run_dir): trainer.save_model(str(run_dir))  # every process: under FSDP the adapter is gathered first
     if trainer.is_world_process_zero():
         _save_run(trainer, processor, cfg, run_dir, merge_before, train, out, time.time() - start, last, recipe, rows)
     return run_dir
 
 # %% ../nbs/04_stage1_basic.ipynb 29
 def _save_run(trainer, processor, cfg, run_dir, merge_before, train, out, seconds, resumed_from, recipe, rows):
-    "Save the adapter and processor into `run_dir`, then finish it with `write_run` (its record last)."
+    "Save the processor beside the adapter `Trainer.save_model` wrote, then finish the run with `write_run` (its record last)."
     info = dict(stage=cfg.stage, base_model=cfg.base_model, merge_before=merge_before, labels=cfg.labels, variant=cfg.variant, layout=cfg.layout,
                 image_size=cfg.image_size, max_pixels=cfg.max_pixels, seed=cfg.seed, **recipe,
                 data_counts={'train': len(train), **{f'train/{k}': int(v) for k, v in train['label'].value_counts().items()}},
@@ -230,7 +231,8 @@ def _save_run(trainer, processor, cfg, run_dir, merge_before, train, out, second
                 metrics=dict(train_loss=out.training_loss, steps=out.global_step, seconds=round(seconds, 2),
                              samples_per_second=out.metrics.get('train_samples_per_second')))
     with full_disk_reported(run_dir, run_dir):
-        trainer.model.save_pretrained(run_dir); processor.save_pretrained(run_dir)
+        (run_dir/'training_args.bin').unlink(missing_ok=True)  # the Trainer's pickled arguments: the record keeps them as JSON
+        processor.save_pretrained(run_dir)
         write_run(run_dir, info, trainer.state.log_history, rows)
 
 # %% ../nbs/04_stage1_basic.ipynb 31
