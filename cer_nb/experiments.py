@@ -93,12 +93,14 @@ class Condition:
     aligned:bool = True # train on the aligned faces, else on the original images
     lora_r:int = 16 # LoRA rank
     lora_preset:str = 'lm' # LoRA targets (`cer_nb.lvlm.LORA_PRESETS`)
+    layout:str = 'image-first' # prompt layout (`cer_nb.prompts.LAYOUTS`): the paper's, for every experiment but the layout one
 
     def __post_init__(self):
         if self.method not in METHODS: raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.layout != 'image-first' and self.method == 'joint': raise ValueError("method='joint' asks each row its own question: layout='image-first' only")
     @property
     def name(self) -> str:
-        return f"{self.method}_n{self.n_compound}_{self.variant}_{'aligned' if self.aligned else 'original'}_r{self.lora_r}_{self.lora_preset}"
+        return f"{self.method}_n{self.n_compound}_{self.variant}_{'aligned' if self.aligned else 'original'}_r{self.lora_r}_{self.lora_preset}" + ('' if self.layout == 'image-first' else f'_{self.layout}')
 
 REFERENCE = Condition()  # the condition several experiments share: two-stage, 220 compounds, context prompt, aligned, r 16, lm
 
@@ -124,7 +126,7 @@ def train_joint(cfg, # `cer_nb.train.StageConfig` of the stage; the stage (its `
 # %% ../nbs/09_experiments.ipynb 31
 def _kw(cond:Condition, seed:int, steps:int) -> dict:
     from cer_nb.train import PRESETS
-    return dict(variant=cond.variant, lora_r=cond.lora_r, lora_preset=cond.lora_preset, seed=seed, max_steps=steps, **PRESETS['cpu-tiny'])
+    return dict(variant=cond.variant, layout=cond.layout, lora_r=cond.lora_r, lora_preset=cond.lora_preset, seed=seed, max_steps=steps, **PRESETS['cpu-tiny'])
 
 def _basic_train(cond, bench): return bench.rafdb('basic', 'train', cond.aligned)
 def _compound_train(cond, bench, seed): return compound_subset(bench.rafdb('compound', 'train', cond.aligned), cond.n_compound, seed)
@@ -138,7 +140,7 @@ def train_condition(cond:Condition, # what to train
     from cer_nb.pretrain import tiny_base
     runs, tag, s1, s2 = bench.folder/'runs', f'seed{seed}', bench.stage1_steps, bench.stage2_steps
     if cond.method == 'two-stage':
-        name = f"stage1_{cond.variant}_{'aligned' if cond.aligned else 'original'}_r{cond.lora_r}_{cond.lora_preset}_{tag}"
+        name = f"stage1_{cond.variant}_{'aligned' if cond.aligned else 'original'}_r{cond.lora_r}_{cond.lora_preset}{'' if cond.layout == 'image-first' else '_' + cond.layout}_{tag}"
         stage1 = train_stage1(tiny_base(), _basic_train(cond, bench), runs/name, **_kw(cond, seed, s1))
         return train_stage2(stage1, _compound_train(cond, bench, seed), runs/f'{cond.name}_{tag}', **_kw(cond, seed, s2))
     if cond.method in ('compound-only', 'compound-long'):

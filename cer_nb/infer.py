@@ -396,7 +396,7 @@ def _label_set(labels, info:dict, checkpoint) -> LabelSet:
 # %% ../nbs/06_infer.ipynb 79
 def _answers(model, processor, info:dict, faces:list, labels:LabelSet, method:str, variant:str|None, length:str, layout:str|None=None) -> list[Prediction]:
     "A `Prediction` for each decoded face of one batch."
-    kw = dict(variant=variant or info['variant'] or DEFAULT_VARIANT, image_size=info['image_size'], layout=layout or info.get('layout') or 'image-first')  # runs before layouts were image-first
+    kw = dict(variant=variant or info['variant'] or DEFAULT_VARIANT, image_size=info['image_size'], layout=layout or info.get('layout') or ('image-first' if info['path'] and info['stage'] != 'adapter' else DEFAULT_LAYOUT))  # runs before layouts were image-first
     if method == 'generate': return [Prediction(find_label(a, labels), answer=a) for a in generate_answers(model, processor, faces, labels, **kw)]
     probs = label_logprobs(model, processor, faces, labels, length=length, **kw).softmax(-1).tolist()
     return [Prediction(labels[int(np.argmax(row))], dict(zip(labels, row))) for row in probs]
@@ -420,7 +420,7 @@ def predict(images, # one face or a list: paths, PIL images (any mode), numpy ar
             device:str|None=None, # e.g. 'cuda', 'cpu'; None: the GPU if there is one
             strict:bool=False, # raise on the first image that cannot be read or aligned, instead of reporting it and going on
             base_model:str|None=None, # the base model to use instead of the one the checkpoint names (e.g. it moved)
-            layout:str|None=None, # prompt layout (`cer_nb.prompts.LAYOUTS`); None: the run's (otherwise 'image-first')
+            layout:str|None=None, # prompt layout (`cer_nb.prompts.LAYOUTS`); None: the run's (image-first for runs made before layouts existed; else `DEFAULT_LAYOUT`)
            ) -> Predictions:
     "The predicted expression of each face: `Prediction` i is about image i; an image that cannot be read carries its `error`."
     _check_settings(batch_size, method, length, variant, layout)

@@ -108,7 +108,7 @@ def proof_corpus(tok, # renders the chat turns with its chat template, and decod
                 ) -> dict[str, list[str]]:
     "The texts the tokenizer is proven on, by source: cer_nb's prompts, labels, cues and chat renders, `HARD_CASES`, random token runs."
     sets = list(LABEL_SETS.values())
-    renders = [tok.apply_chat_template(chat_messages(ls, v, answer=a), add_generation_prompt=a is None, tokenize=False)
+    renders = [tok.apply_chat_template(chat_messages(ls, v, answer=a, layout='image-first'), add_generation_prompt=a is None, tokenize=False)
                for ls in sets for v in PROMPT_VARIANTS for a in [None, *ls]]
     rng = random.Random(seed)
     runs = [[rng.randrange(QWEN_RANKS_COUNT) for _ in range(rng.randint(1, 12))] for _ in range(n_random)]

@@ -259,7 +259,7 @@ def tiny_corpus(chat_template:str|None=None, # the family's chat template (None:
     sets = (RAFDB_BASIC, RAFDB_COMPOUND, ABAW_COMPOUND)
     texts = [prompt_text(ls, v) for ls in sets for v in PROMPT_VARIANTS] + [l for ls in sets for l in ls] + [label_cues(l) for ls in sets for l in ls]
     if chat_template:
-        convs = [chat_messages(ls, 'context', l) for ls in sets for l in ls]
+        convs = [chat_messages(ls, 'context', l, layout='image-first') for ls in sets for l in ls]
         texts += render_jinja_template(conversations=convs, chat_template=chat_template, **(special or {}))[0]
     return texts + list(extra)
 

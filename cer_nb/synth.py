@@ -17,12 +17,13 @@ import hashlib
 from .data import RAFDB_LABEL_FILE, ABAW_CLASS_NAMES, AFFECTNET_CLASSES, AFFECTNET_COLUMNS, AFFECTNET_FILES, AFFECTNET_TO_RAFDB, AFFWILD2_EXPR
 
 # %% auto 0
-__all__ = ['AU_NAMES', 'AUS', 'BASIC_AUS', 'EXPRESSION_AUS', 'AU_PHRASES', 'RAFDB_BASIC_TRAIN_COUNTS', 'RAFDB_COMPOUND_COUNTS',
-           'SYNTH_VERSION', 'compound_aus', 'describe_aus', 'sample_identity', 'sample_view', 'face_landmarks',
-           'draw_face', 'render', 'aligned_transform', 'jpeg_roundtrip', 'face_landmarks_68', 'jitter_aus',
-           'synth_sample', 'render_faces', 'class_counts', 'synth_rafdb_picture', 'make_synthetic_rafdb',
-           'expression_plan', 'frame_labels', 'make_synthetic_cexpr', 'synth_affectnet_picture',
-           'make_synthetic_affectnet', 'make_synthetic_affwild2']
+__all__ = ['AU_NAMES', 'AUS', 'BASIC_AUS', 'EXPRESSION_AUS', 'AU_PHRASES', 'RAFDB_GROUPS', 'OCCLUDERS',
+           'RAFDB_BASIC_TRAIN_COUNTS', 'RAFDB_COMPOUND_COUNTS', 'SYNTH_VERSION', 'VIEW_SETTINGS', 'IMAGE_SETTINGS',
+           'compound_aus', 'describe_aus', 'sample_identity', 'sample_view', 'face_landmarks', 'draw_face',
+           'draw_occluder', 'render', 'aligned_transform', 'jpeg_roundtrip', 'face_landmarks_68', 'jitter_aus',
+           'synth_sample', 'render_faces', 'class_counts', 'synth_rafdb_picture', 'make_synthetic_rafdb', 'degrade',
+           'rerender_rafdb_picture', 'expression_plan', 'frame_labels', 'make_synthetic_cexpr',
+           'synth_affectnet_picture', 'make_synthetic_affectnet', 'make_synthetic_affwild2']
 
 # %% ../nbs/00b_synth.ipynb 8
 AU_NAMES = {1: 'inner brow raiser', 2: 'outer brow raiser', 4: 'brow lowerer', 5: 'upper lid raiser', 6: 'cheek raiser',
@@ -84,10 +85,24 @@ def _jitter(rng, c, d=10): return tuple(float(v) for v in np.clip(np.asarray(c) 
 def _pick(rng, p) -> int: return int(np.searchsorted(np.cumsum(p), rng.random() * sum(p), side='right'))  # rng.choice(p=...) is slow
 
 # %% ../nbs/00b_synth.ipynb 20
-def sample_identity(rng:np.random.Generator) -> dict:
+RAFDB_GROUPS = {'gender': 3, 'race': 3, 'age': 5}  # groups of each RAF-DB attribute, coded 0..n-1 as its manual annotation codes them
+
+def _check_attributes(attributes:dict) -> dict:
+    "`attributes` as int codes; refused if a key is not a RAF-DB attribute or a code is out of range."
+    if bad := sorted(set(attributes) - set(RAFDB_GROUPS)): raise ValueError(f"attributes {bad}: expected some of {list(RAFDB_GROUPS)}")
+    out = {k: int(v) for k, v in attributes.items()}
+    if bad := {k: v for k, v in out.items() if not 0 <= v < RAFDB_GROUPS[k]}:
+        raise ValueError(f"attribute codes {bad} out of range: {', '.join(f'{k} 0-{n - 1}' for k, n in RAFDB_GROUPS.items())}")
+    return out
+
+# %% ../nbs/00b_synth.ipynb 21
+def sample_identity(rng:np.random.Generator, # the only source of randomness
+                    attributes:dict|None=None, # fix some of gender, race, age (codes, see `RAFDB_GROUPS`); the rest is drawn as usual
+                   ) -> dict:
     "A random synthetic person: RAF-DB attributes (gender, race, age) and the shape and colour parameters they steer."
     u = rng.uniform
     gender, race, age = _pick(rng, [.45, .47, .08]), _pick(rng, [.77, .08, .15]), _pick(rng, [.06, .17, .55, .18, .04])
+    if attributes: a = _check_attributes(attributes); gender, race, age = a.get('gender', gender), a.get('race', race), a.get('age', age)
     hair = _pick(rng, [.3, .3, .2, .1, .1, 0, 0] if age < 3 else [.15, .15, .1, .05, .05, .3, .2])
     if race != 0: hair = [0, 1, 5][_pick(rng, [1, 1, 1])] if age >= 3 else 0
     style = _pick(rng, [.45, .2, .05, .05, .25] if gender == 0 else [.05, .15, .65, .0, .15])
@@ -103,7 +118,7 @@ def sample_identity(rng:np.random.Generator) -> dict:
         lip_thick=u(.8, 1.15) if gender == 0 else u(1., 1.35), lip_tint=u(.1, .35) + (.15 if gender == 1 else 0),
         wrinkles=[0, 0, .05, .3, .6][age], shirt=_jitter(rng, tuple(rng.uniform(20, 235, 3)), 0))
 
-# %% ../nbs/00b_synth.ipynb 21
+# %% ../nbs/00b_synth.ipynb 22
 def _sample_background(rng) -> dict:
     kind = ['flat', 'gradient', 'shapes', 'stripes'][_pick(rng, [.2, .35, .3, .15])]
     col = lambda: tuple(float(v) for v in rng.uniform(40, 245, 3))
@@ -116,7 +131,7 @@ def sample_view(rng:np.random.Generator) -> dict:
     return dict(yaw=float(rng.uniform(-.8, .8)), light_angle=float(rng.uniform(0, 2*np.pi)), light=float(rng.uniform(0, .3)),
                 noise=float(rng.uniform(0, 4)), jpeg=int(rng.integers(70, 96)), background=_sample_background(rng))
 
-# %% ../nbs/00b_synth.ipynb 24
+# %% ../nbs/00b_synth.ipynb 27
 _TEMPLATE = canonical_landmarks(100)
 
 def _geometry(idt:dict, aus:dict, yaw:float=0.) -> dict:
@@ -139,7 +154,7 @@ def _geometry(idt:dict, aus:dict, yaw:float=0.) -> dict:
     g['chin_y'] = 98 + 8*a(26) - 1.2*a(17)
     return g
 
-# %% ../nbs/00b_synth.ipynb 26
+# %% ../nbs/00b_synth.ipynb 29
 def face_landmarks(idt:dict, # identity from `sample_identity`
                    aus:dict, # AU number -> intensity
                    yaw:float=0., # sideways turn, -1..1
@@ -148,7 +163,7 @@ def face_landmarks(idt:dict, # identity from `sample_identity`
     g = _geometry(idt, aus, yaw)
     return np.array([*g['eyes'], g['nose'], g['mouth_l'], g['mouth_r']])
 
-# %% ../nbs/00b_synth.ipynb 29
+# %% ../nbs/00b_synth.ipynb 32
 @lru_cache(None)
 def _basis(kind:str, n:int) -> np.ndarray:
     "Cached curve bases (numpy call overhead dominates drawing small faces): circle, quadratic Bezier, stroke taper, -1..1."
@@ -166,7 +181,7 @@ def _bezier(p0, p1, p2, n=12): return _basis('bezier', n) @ np.array([p0, p1, p2
 def _xy(x, y):
     out = np.empty((len(x), 2)); out[:, 0], out[:, 1] = x, y; return out
 
-# %% ../nbs/00b_synth.ipynb 30
+# %% ../nbs/00b_synth.ipynb 33
 def _stroke_polygon(pts, width):
     "Outline polygon(s) of polyline(s) `pts`, (n,2) or (k,n,2), of (possibly varying) `width`, tapered at both ends."
     pts = np.asarray(pts, float)
@@ -176,7 +191,7 @@ def _stroke_polygon(pts, width):
     nrm = d[..., ::-1] * k[..., None] * (-1, 1)
     return np.concatenate([pts + nrm, (pts - nrm)[..., ::-1, :]], -2)
 
-# %% ../nbs/00b_synth.ipynb 32
+# %% ../nbs/00b_synth.ipynb 35
 class _Pen:
     "Draws face-frame polygons into `img` (H×W×3 uint8) through the 2×3 transform `T`, anti-aliased."
     def __init__(self, img, T): self.img, self.T = img, np.asarray(T, float)
@@ -191,7 +206,7 @@ class _Pen:
     def strokes(self, lines, width, color): self.fills(_stroke_polygon(lines, width), color)
     def ellipse(self, c, rx, ry, color): self.fills([_ellipse(c, rx, ry)], color)
 
-# %% ../nbs/00b_synth.ipynb 34
+# %% ../nbs/00b_synth.ipynb 37
 def _draw_head(pen, idt, g, yaw):
     rx, cy, skin, hx = 34*idt['face_w'], 56., idt['skin'], 50 - yaw
     if idt['hair_style'] == 2:  # long hair falls behind the head to the shoulders
@@ -206,7 +221,7 @@ def _draw_head(pen, idt, g, yaw):
     y = cy + np.where(low, g['chin_y'] - cy, 44*idt['face_h'])*s
     pen.fill(_xy(x, y), skin)
 
-# %% ../nbs/00b_synth.ipynb 35
+# %% ../nbs/00b_synth.ipynb 38
 def _draw_hair(pen, idt, yaw):
     style, vol, hx = idt['hair_style'], idt['hair_volume'], 50 - yaw
     if style == 3: return  # bald
@@ -221,7 +236,7 @@ def _draw_hair(pen, idt, yaw):
     inner = [_arc((hx, 56), rx - 1.5, ry - 1.5, 2*np.pi, 2*np.pi - pr, 6), _xy(xs, fringe), _arc((hx, 56), rx - 1.5, ry - 1.5, np.pi + pl, np.pi, 6)]
     pen.fill(np.concatenate([outer, *inner]), idt['hair_color'])
 
-# %% ../nbs/00b_synth.ipynb 36
+# %% ../nbs/00b_synth.ipynb 39
 def _line(idt, k): return _mix(idt['skin'], (40, 20, 15), k)
 
 def _draw_wrinkles(pen, idt, g, a, yaw):
@@ -241,7 +256,7 @@ def _draw_wrinkles(pen, idt, g, a, yaw):
     if crow > .1: pen.strokes([[(e[0] + s*9.5, e[1] + 1.8*j), (e[0] + s*13.5, e[1] + 3.2*j)] for s, e in zip((-1, 1), g['eyes']) for j in (-1, 0, 1)], .8*w, _line(idt, .5*crow))
     if a(6) > .05: pen.fills([_ellipse((e[0], e[1] + 11 - 3*a(6)), 7, 3.5) for e in g['eyes']], _mix(idt['skin'], (235, 120, 120), .25*a(6)))
 
-# %% ../nbs/00b_synth.ipynb 37
+# %% ../nbs/00b_synth.ipynb 40
 def _draw_eyes(pen, idt, g, a, yaw):
     es, x = idt['eye_size'], _basis('sym', 15)
     hu = 3.6*es*max(.15, 1 + .75*a(5) - .6*a(7) - .25*a(6) - .15*a(4) - .15*a(9))
@@ -260,7 +275,7 @@ def _draw_eyes(pen, idt, g, a, yaw):
     pen.strokes([_xy(xs, lo) for xs, up, lo, *_ in eyes], .6, _line(idt, .6))
     if max(a(7), a(6)) > .05: pen.strokes([_xy(xs, lo + 1.8)[2:-2] for xs, up, lo, *_ in eyes], .7, _line(idt, .45*max(a(7), a(6))))
 
-# %% ../nbs/00b_synth.ipynb 38
+# %% ../nbs/00b_synth.ipynb 41
 def _brows(idt, g, a, yaw, n:int=14) -> list[np.ndarray]:
     "The centre lines of the two brows (image left, then right), each from its inner end out, as `n` points."
     out = []
@@ -276,14 +291,14 @@ def _draw_brows(pen, idt, g, a, yaw):
     t = idt['brow_thick']
     pen.strokes(_brows(idt, g, a, yaw), np.linspace(t, .55*t, 14), _mix(idt['hair_color'], (20, 15, 10), .35))
 
-# %% ../nbs/00b_synth.ipynb 39
+# %% ../nbs/00b_synth.ipynb 42
 def _draw_nose(pen, idt, g, a):
     (nx, ny), w, lift = g['nose'], 5*idt['nose_w'], .8*a(9) + .6*a(10)
     pen.stroke(_bezier((nx - 1.5, 49), (nx - 3.5, 56), (nx - 4, ny - 3)), .7, _line(idt, .3))
     pen.fills([_ellipse((nx + s*.45*w, ny + .8 - lift), 1.3 + .25*a(9), .8, 12) for s in (-1, 1)], _line(idt, .8))
     pen.stroke(_bezier((nx - w - .5*a(9), ny - 1.5 - lift), (nx, ny + 3.5 - lift), (nx + w + .5*a(9), ny - 1.5 - lift)), 1., _line(idt, .5))
 
-# %% ../nbs/00b_synth.ipynb 40
+# %% ../nbs/00b_synth.ipynb 43
 def _draw_mouth(pen, idt, g, a):
     (lx, ly), (rx, ry), cx = g['mouth_l'], g['mouth_r'], g['mouth_x']
     u = _basis('sym', 17); xs = cx + (rx - cx)*u; cy = ly + (ry - ly)*(u + 1)/2
@@ -302,7 +317,7 @@ def _draw_mouth(pen, idt, g, a):
     if a(20) > .05: pen.strokes([[(x + s*.5, y - 1.5), (x + s*2.5, y + 2.5)] for s, (x, y) in ((-1, g['mouth_l']), (1, g['mouth_r']))], .8, _line(idt, .5*a(20)))
     if a(17) > .05: pen.stroke(_bezier((cx - 6, g['chin_y'] - 7), (cx, g['chin_y'] - 9.5 - 2*a(17)), (cx + 6, g['chin_y'] - 7)), 1., _line(idt, .4*a(17)))
 
-# %% ../nbs/00b_synth.ipynb 42
+# %% ../nbs/00b_synth.ipynb 45
 def draw_face(img:np.ndarray, # H×W×3 uint8 RGB image, drawn into in place
               T:np.ndarray, # 2×3 affine transform from the face frame to `img` pixels
               idt:dict, # identity from `sample_identity`
@@ -315,7 +330,42 @@ def draw_face(img:np.ndarray, # H×W×3 uint8 RGB image, drawn into in place
     _draw_eyes(pen, idt, g, a, yaw); _draw_brows(pen, idt, g, a, yaw); _draw_nose(pen, idt, g, a); _draw_mouth(pen, idt, g, a)
     return img
 
-# %% ../nbs/00b_synth.ipynb 44
+# %% ../nbs/00b_synth.ipynb 47
+OCCLUDERS = ('sunglasses', 'mask', 'hand')
+
+def _occluder_shapes(idt:dict, aus:dict, yaw:float, kind:str, amount:float) -> tuple[list, tuple, float]:
+    "Face-frame polygons of an occluder, its colour and its opacity."
+    g, hx, rx = _geometry(idt, aus, yaw), 50 - yaw, 34*idt['face_w']
+    if kind == 'sunglasses':
+        es, (l, r) = idt['eye_size'], g['eyes']
+        bridge = _stroke_polygon(np.linspace(l + (9*es, -2), r - (9*es, 2), 8), 2.)
+        return [_ellipse(l, 10*es, 7*es), _ellipse(r, 10*es, 7*es), bridge], (22, 22, 28), amount
+    if kind == 'mask':
+        top, side, (ny, cy) = g['chin_y'] + 2 - amount*(g['chin_y'] - g['nose'][1] + 11), .92*rx, (g['nose'][1], g['chin_y'])
+        p = np.concatenate([[(hx - side, ny - 9), (hx + side, ny - 9)], _bezier((hx + side, g['mouth_r'][1] + 6), (hx, cy + 14), (hx - side, g['mouth_l'][1] + 6))])
+        p[:, 1] = np.maximum(p[:, 1], top); return [p], (178, 206, 232), 1.
+    cx, cy = hx + rx + 30 - amount*(rx + 30), g['mouth_r'][1] + 2  # the palm slides in from the side to the middle of the mouth
+    fingers = [_stroke_polygon(np.linspace((cx - 6, cy + dy), (cx - 27, cy + 1.2*dy - 3), 8), 6.) for dy in (-9, -3, 3, 9)]
+    return [_ellipse((cx, cy), 14, 13), *fingers], _mix(idt['skin'], (0, 0, 0), .12), 1.
+
+# %% ../nbs/00b_synth.ipynb 48
+def draw_occluder(img:np.ndarray, # H×W×3 uint8 RGB image with the face drawn in it, changed in place
+                  T:np.ndarray, # the face frame → `img` transform the face was drawn through
+                  idt:dict, aus:dict, yaw:float, # the face's identity, AUs and yaw: the occluder follows its features
+                  kind:str, # one of `OCCLUDERS`
+                  occlusion:float=1., # 0 (none) to 1: the sunglasses' opacity, the mask's height, how far across the hand is
+                 ) -> np.ndarray:
+    "Draw a partial occluder over the face in `img`; returns `img`."
+    if kind not in OCCLUDERS: raise ValueError(f"occluder={kind!r}: expected one of {OCCLUDERS}")
+    if not 0 <= occlusion <= 1: raise ValueError(f"occlusion={occlusion}: expected a value from 0 (none) to 1")
+    if occlusion == 0: return img
+    polys, color, alpha = _occluder_shapes(idt, aus, yaw, kind, occlusion)
+    layer = img.copy(); pen = _Pen(layer, T)
+    for p in polys: pen.fill(p, color)  # one by one: overlapping polygons drawn in one call cancel out
+    img[:] = np.rint(img*(1 - alpha) + layer*alpha).astype(np.uint8)
+    return img
+
+# %% ../nbs/00b_synth.ipynb 50
 def _linear_field(T, h, w, direction):
     "The face-frame coordinate along unit `direction` at every pixel of an h×w image drawn through `T`."
     Ti = cv2.invertAffineTransform(np.asarray(T, float))
@@ -339,7 +389,7 @@ def _draw_background(img, T, bg):
         img[:] = (img*(1 - cover) + np.asarray(bg['c1'], np.float32)*cover).astype(np.uint8)
     return img
 
-# %% ../nbs/00b_synth.ipynb 45
+# %% ../nbs/00b_synth.ipynb 51
 @lru_cache(None)
 def _noise_bank(): return np.random.default_rng(20140401).standard_normal((512, 512, 3), dtype=np.float32)
 
@@ -349,10 +399,10 @@ def _sensor_noise(rng, h, w):
     y, x = rng.integers(0, 513 - h), rng.integers(0, 513 - w)
     return _noise_bank()[y:y + h, x:x + w]
 
-# %% ../nbs/00b_synth.ipynb 46
+# %% ../nbs/00b_synth.ipynb 52
 def render(idt:dict, # identity from `sample_identity`
            aus:dict, # AU number -> intensity in [0, 1]
-           view:dict, # nuisance from `sample_view`
+           view:dict, # nuisance from `sample_view`; an `occluder` (and `occlusion`) key adds one (see `draw_occluder`)
            T:np.ndarray, # 2×3 transform from the face frame to the image
            size:tuple[int, int], # (width, height) of the image
            rng:np.random.Generator|None=None, # draws the sensor noise; None for none
@@ -360,13 +410,15 @@ def render(idt:dict, # identity from `sample_identity`
     "An RGB uint8 picture of the face on its background, lit and noisy, drawn through `T`."
     w, h = size
     img = _draw_background(np.empty((h, w, 3), np.uint8), T, view['background'])
-    out = draw_face(img, T, idt, aus, view['yaw']).astype(np.float32)
+    out = draw_face(img, T, idt, aus, view['yaw'])
+    if view.get('occluder'): draw_occluder(out, T, idt, aus, view['yaw'], view['occluder'], view.get('occlusion', 1.))
+    out = out.astype(np.float32)
     if view['light'] > 0:
         out *= (1 + view['light'] / 60 * np.clip(_linear_field(T, h, w, (np.cos(view['light_angle']), np.sin(view['light_angle']))) - 50, -60, 60))[..., None]
     if rng is not None and view['noise'] > 0: out += _sensor_noise(rng, h, w) * view['noise']
     return np.clip(out, 0, 255, out).astype(np.uint8)
 
-# %% ../nbs/00b_synth.ipynb 48
+# %% ../nbs/00b_synth.ipynb 54
 def aligned_transform(idt:dict, aus:dict, yaw:float=0., size:int=100) -> np.ndarray:
     "2×3 transform from the face frame to a `size`×`size` aligned crop, as RAF-DB alignment would place the face."
     return similarity_transform(face_landmarks(idt, aus, yaw), canonical_landmarks(size))
@@ -381,7 +433,7 @@ def jpeg_roundtrip(img:np.ndarray, quality:int) -> np.ndarray:
     "`img` (RGB uint8) after JPEG compression at `quality`."
     return np.ascontiguousarray(cv2.imdecode(np.frombuffer(_jpeg_bytes(img, quality), np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
 
-# %% ../nbs/00b_synth.ipynb 51
+# %% ../nbs/00b_synth.ipynb 59
 def face_landmarks_68(idt:dict, # identity from `sample_identity`
                       aus:dict, # AU number -> intensity
                       yaw:float=0., # sideways turn, -1..1
@@ -400,7 +452,7 @@ def face_landmarks_68(idt:dict, # identity from `sample_identity`
     mouth = [L[None], lip(f5, up), R[None], lip(f5[::-1], lo), lip([.1], L[1]), lip([.3, .5, .7], g['lip_upper_in']), lip([.9], L[1]), lip([.7, .5, .3], g['lip_lower_in'])]
     return np.concatenate([jaw, left[::-1], right, np.linspace((ex, ey + 1), nose, 4), nostrils, ring + g['eyes'][0], ring + g['eyes'][1], *mouth])
 
-# %% ../nbs/00b_synth.ipynb 54
+# %% ../nbs/00b_synth.ipynb 62
 def jitter_aus(aus:dict, rng:np.random.Generator, strength:tuple=(.7, 1.)) -> dict:
     "`aus` at a random overall strength with per-AU jitter, plus occasionally one faint stray AU; rounded to 3 decimals."
     k = rng.uniform(*strength)
@@ -412,12 +464,13 @@ def jitter_aus(aus:dict, rng:np.random.Generator, strength:tuple=(.7, 1.)) -> di
 
 def synth_sample(label:str, # an expression label (any spelling `canonical_label` reads)
                  rng:np.random.Generator, # the only source of randomness
+                 attributes:dict|None=None, # fix some RAF-DB attributes of the person (see `sample_identity`)
                 ) -> dict:
     "A random synthetic picture of `label`: dict of label, aus, identity and view."
     label = canonical_label(label)
-    return dict(label=label, identity=sample_identity(rng), view=sample_view(rng), aus=jitter_aus(EXPRESSION_AUS[label], rng))
+    return dict(label=label, identity=sample_identity(rng, attributes), view=sample_view(rng), aus=jitter_aus(EXPRESSION_AUS[label], rng))
 
-# %% ../nbs/00b_synth.ipynb 57
+# %% ../nbs/00b_synth.ipynb 65
 def _random_pose(rng, w, h, A, max_angle=20., margin=.08):
     "A face-frame → image transform putting the 100×100 aligned crop region (given by `A`) rotated, scaled and placed in a w×h image."
     theta = np.deg2rad(rng.uniform(-max_angle, max_angle))
@@ -429,7 +482,7 @@ def _random_pose(rng, w, h, A, max_angle=20., margin=.08):
     P = np.hstack([R, (c - R @ [50, 50])[:, None]])  # aligned crop -> image
     return np.vstack([P, [0, 0, 1]])[:2] @ np.vstack([A, [0, 0, 1]]), dict(angle=float(np.rad2deg(theta)), scale=float(s), cx=float(c[0]), cy=float(c[1]))
 
-# %% ../nbs/00b_synth.ipynb 59
+# %% ../nbs/00b_synth.ipynb 67
 def render_faces(labels:list[str], # expression labels, one per picture
                  seed:int=0, # picture i is drawn from numpy Generator seeded with (seed, i)
                  size:int=112, # side of the square pictures
@@ -447,7 +500,7 @@ def render_faces(labels:list[str], # expression labels, one per picture
         out.append((Image.fromarray(jpeg_roundtrip(img, view['jpeg']) if jpeg else img), aus))
     return out
 
-# %% ../nbs/00b_synth.ipynb 63
+# %% ../nbs/00b_synth.ipynb 71
 RAFDB_BASIC_TRAIN_COUNTS = {'Surprise': 1290, 'Fear': 281, 'Disgust': 717, 'Happiness': 4772, 'Sadness': 1982, 'Anger': 705, 'Neutral': 2524}
 RAFDB_COMPOUND_COUNTS = {'Happily Surprised': 697, 'Happily Disgusted': 266, 'Sadly Fearful': 129, 'Sadly Angry': 163,
                          'Sadly Surprised': 86, 'Sadly Disgusted': 738, 'Fearfully Angry': 150, 'Fearfully Surprised': 560,
@@ -465,7 +518,7 @@ def class_counts(n:int, # total number of images
     while counts.sum() < n: counts[np.argmax(target - counts)] += 1
     return dict(zip(weights, counts.tolist()))
 
-# %% ../nbs/00b_synth.ipynb 66
+# %% ../nbs/00b_synth.ipynb 74
 def _split_labels(counts:dict, test_fraction:float, rng) -> dict[str, list[str]]:
     splits = {'train': [], 'test': []}
     for label, c in counts.items():
@@ -473,7 +526,7 @@ def _split_labels(counts:dict, test_fraction:float, rng) -> dict[str, list[str]]
         splits['test'] += [label] * n_test; splits['train'] += [label] * (c - n_test)
     return {k: [v[i] for i in rng.permutation(len(v))] for k, v in splits.items()}
 
-# %% ../nbs/00b_synth.ipynb 68
+# %% ../nbs/00b_synth.ipynb 76
 def _build_dataset(root:Path, marker:str, params:dict, parts:tuple, build) -> Path:
     "Run `build(folder)` in a hidden folder inside `root`, write `params` to `marker` there, then move `parts` and `marker` into `root`, unless `root` is already complete."
     root = Path(root); done = lambda: (root/marker).exists() and json.loads((root/marker).read_text()) == params
@@ -493,7 +546,7 @@ def _build_dataset(root:Path, marker:str, params:dict, parts:tuple, build) -> Pa
     finally: shutil.rmtree(work, ignore_errors=True)
     return root
 
-# %% ../nbs/00b_synth.ipynb 70
+# %% ../nbs/00b_synth.ipynb 78
 def _placed(s:dict, rng:np.random.Generator, original_size:tuple[int, int], aligned_size:int=100) -> dict:
     "Where sample `s`'s face goes: an original of random size, face-frame transforms to it (`O`) and to the aligned crop (`A`), landmarks in it, pose."
     idt, aus, view = s['identity'], s['aus'], s['view']
@@ -506,14 +559,18 @@ def synth_rafdb_picture(label:str, # expression label
                         rng:np.random.Generator, # the only source of randomness
                         original_size:tuple[int, int]=(160, 256), # range of the original's width and height
                         aligned_size:int=100, # side of the aligned crop
+                        attributes:dict|None=None, # fix some RAF-DB attributes of the person (see `sample_identity`)
+                        nuisance:dict|None=None, # view fields set instead of drawn (yaw, light, ..., occluder, occlusion); the draws still happen
                        ) -> dict:
     "One synthetic RAF-DB picture: original and aligned RGB arrays, landmarks in the original, sample and pose."
-    s = synth_sample(label, rng); idt, aus, view = s['identity'], s['aus'], s['view']
+    s = synth_sample(label, rng, attributes)
+    if nuisance: s['view'] = {**s['view'], **nuisance}
+    idt, aus, view = s['identity'], s['aus'], s['view']
     p = _placed(s, rng, original_size, aligned_size); W, H = p['pose']['width'], p['pose']['height']
     original, aligned = render(idt, aus, view, p['O'], (W, H), rng), render(idt, aus, view, p['A'], (aligned_size, aligned_size), rng)
     return dict(s, original=original, aligned=aligned, landmarks=p['landmarks'], pose=p['pose'])
 
-# %% ../nbs/00b_synth.ipynb 73
+# %% ../nbs/00b_synth.ipynb 81
 SYNTH_VERSION = 1
 _RAFDB_SUBSETS = {'basic': (RAFDB_BASIC, RAFDB_BASIC_TRAIN_COUNTS, {'train': 5, 'test': 4}),
                   'compound': (RAFDB_COMPOUND, RAFDB_COMPOUND_COUNTS, {'train': 4, 'test': 4})}
@@ -529,7 +586,28 @@ def _write_rafdb_picture(sub:Path, name:str, pic:dict, labels) -> dict:
                 description=describe_aus(pic['aus']), gender=idt['gender'], race=idt['race'], age=idt['age'], yaw=round(pic['view']['yaw'], 3),
                 **{k: round(v, 3) for k, v in pic['pose'].items()}, background=pic['view']['background']['kind'], identity=json.dumps(idt))
 
-# %% ../nbs/00b_synth.ipynb 74
+# %% ../nbs/00b_synth.ipynb 82
+def _group_mix_param(group_mix:dict|None) -> dict:
+    "The `group_mix` entry of a synthetic RAF-DB's parameters (none for the default mix, so older sets stay complete)."
+    if not group_mix: return {}
+    _check_attributes({k: 0 for k in group_mix})
+    if bad := {k: w for k, w in group_mix.items() if len(w) != RAFDB_GROUPS[k] or min(w) < 0 or sum(w) <= 0}:
+        raise ValueError(f"group_mix {bad}: expected, per attribute, one weight ≥ 0 per group ({RAFDB_GROUPS}), not all 0")
+    return {'group_mix': {k: [float(v) for v in w] for k, w in group_mix.items()}}
+
+def _rafdb_labels(params:dict, code:int) -> dict[str, list[str]]:
+    "Per split, the labels of subset `code`'s pictures in file order, as a synthetic RAF-DB with `params` draws them."
+    labels, weights, _ = list(_RAFDB_SUBSETS.values())[code]
+    counts = class_counts(params['n_basic' if code == 0 else 'n_compound'], {l: 1 for l in labels} if params['balanced'] else weights, params['min_per_class'])
+    return _split_labels(counts, params['test_fraction'], np.random.default_rng([params['seed'], code]))
+
+def _rafdb_attributes(params:dict, key:list) -> dict|None:
+    "The attributes drawn for picture `key` ([seed, subset, split, index]) from the set's `group_mix`; None without one."
+    if not (mix := params.get('group_mix')): return None
+    rng = np.random.default_rng([*key, 1])
+    return {k: _pick(rng, w) for k, w in mix.items()}
+
+# %% ../nbs/00b_synth.ipynb 83
 def make_synthetic_rafdb(root:str|Path, # folder to write (created if missing)
                          n_basic:int=1400, # basic-subset images, train + test
                          n_compound:int=700, # compound-subset images, train + test
@@ -538,18 +616,19 @@ def make_synthetic_rafdb(root:str|Path, # folder to write (created if missing)
                          original_size:tuple[int, int]=(160, 256), # range of the originals' width and height
                          min_per_class:int=10, # each class gets at least this many images (train + test)
                          balanced:bool=False, # equal class sizes instead of RAF-DB's imbalance
+                         group_mix:dict|None=None, # attribute -> relative weights of its groups, e.g. {'race': (1, 1, 1)}; None: the generator's RAF-DB-like mix
                         ) -> Path:
     "Write a synthetic RAF-DB (basic and compound subsets, official layout) under `root`; returns `root`."
-    params = dict(version=SYNTH_VERSION, n_basic=n_basic, n_compound=n_compound, test_fraction=test_fraction,
-                  seed=seed, original_size=list(original_size), min_per_class=min_per_class, balanced=balanced)
+    params = dict(version=SYNTH_VERSION, n_basic=n_basic, n_compound=n_compound, test_fraction=test_fraction, seed=seed,
+                  original_size=list(original_size), min_per_class=min_per_class, balanced=balanced) | _group_mix_param(group_mix)
     def build(out:Path):
         rows = []
-        for code, (subset, n) in enumerate((('basic', n_basic), ('compound', n_compound))):
-            labels, weights, digits = _RAFDB_SUBSETS[subset]
-            counts, lines = class_counts(n, {l: 1 for l in labels} if balanced else weights, min_per_class), []
-            for split_code, (split, split_labels) in enumerate(_split_labels(counts, test_fraction, np.random.default_rng([seed, code])).items()):
+        for code, (subset, (labels, _, digits)) in enumerate(_RAFDB_SUBSETS.items()):
+            lines = []
+            for split_code, (split, split_labels) in enumerate(_rafdb_labels(params, code).items()):
                 for i, label in enumerate(split_labels):
-                    pic = synth_rafdb_picture(label, np.random.default_rng([seed, code, split_code, i]), original_size)
+                    key = [seed, code, split_code, i]
+                    pic = synth_rafdb_picture(label, np.random.default_rng(key), original_size, attributes=_rafdb_attributes(params, key))
                     name = f'{split}_{i+1:0{digits[split]}d}.jpg'
                     rows.append(dict(subset=subset, split=split, **_write_rafdb_picture(out/subset, name, pic, labels)))
                     lines.append(f'{name} {labels.id_of(label)}\n')
@@ -557,7 +636,53 @@ def make_synthetic_rafdb(root:str|Path, # folder to write (created if missing)
         write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
     return _build_dataset(root, 'synthetic_rafdb.json', params, (*_RAFDB_SUBSETS, 'synthetic_meta.csv'), build)
 
-# %% ../nbs/00b_synth.ipynb 95
+# %% ../nbs/00b_synth.ipynb 99
+VIEW_SETTINGS = ('yaw', 'light', 'light_angle', 'noise', 'occluder', 'occlusion')  # set in the view before drawing
+IMAGE_SETTINGS = ('blur', 'resolution', 'jpeg')  # applied to the drawn picture, in this order
+
+def degrade(img:np.ndarray, # RGB uint8 picture
+            blur:float|None=None, # gaussian blur, sigma in face units (a face unit is a pixel of the 100×100 aligned crop)
+            resolution:int|None=None, # pixels across the 100-unit aligned face square: resampled down to it and back up
+            jpeg:int|None=None, # JPEG quality; None: no compression
+            px_per_unit:float=1., # pixels of `img` per face unit
+           ) -> np.ndarray:
+    "`img` blurred, at a lower resolution and JPEG-compressed: each step only if asked for."
+    out, (h, w) = img, img.shape[:2]
+    if blur: out = cv2.GaussianBlur(out, (0, 0), blur * px_per_unit)
+    if resolution and (f := resolution / (100 * px_per_unit)) < 1:
+        small = cv2.resize(out, (max(1, round(w*f)), max(1, round(h*f))), interpolation=cv2.INTER_AREA)
+        out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return jpeg_roundtrip(out, jpeg) if jpeg else out
+
+# %% ../nbs/00b_synth.ipynb 100
+def _rafdb_key(params:dict, subset:str, name:str) -> tuple[list, str]:
+    "The generator key [seed, subset, split, index] and the label of picture `name` in a synthetic RAF-DB made with `params`."
+    if subset not in _RAFDB_SUBSETS: raise ValueError(f"subset={subset!r}: expected one of {list(_RAFDB_SUBSETS)}")
+    code, digits = list(_RAFDB_SUBSETS).index(subset), _RAFDB_SUBSETS[subset][2]
+    splits, (split, _, num) = _rafdb_labels(params, code), Path(name).stem.partition('_')
+    if split not in splits or not num.isdigit() or name != f'{split}_{int(num):0{digits[split]}d}.jpg' or not 1 <= int(num) <= len(splits[split]):
+        raise ValueError(f"no picture {name!r} in this synthetic RAF-DB's {subset} subset (train_{1:0{digits['train']}d}.jpg to "
+                         f"train_{len(splits['train']):0{digits['train']}d}.jpg, test_{1:0{digits['test']}d}.jpg to test_{len(splits['test']):0{digits['test']}d}.jpg)")
+    return [params['seed'], code, list(splits).index(split), int(num) - 1], splits[split][int(num) - 1]
+
+# %% ../nbs/00b_synth.ipynb 101
+def rerender_rafdb_picture(root, # a folder `make_synthetic_rafdb` wrote
+                           name:str, # the picture, e.g. 'test_0001.jpg'
+                           subset:str='compound', # 'basic' or 'compound'
+                           **settings, # `VIEW_SETTINGS` (set instead of drawn) and `IMAGE_SETTINGS`; jpeg: the picture's own quality unless set
+                          ) -> dict:
+    "Picture `name` of a synthetic RAF-DB drawn again at set nuisance values: as `synth_rafdb_picture`, with the original and the aligned crop degraded as asked."
+    marker = Path(root)/'synthetic_rafdb.json'
+    if not marker.exists(): raise FileNotFoundError(f"{marker} is missing: {root} was not written by make_synthetic_rafdb")
+    if bad := sorted(set(settings) - {*VIEW_SETTINGS, *IMAGE_SETTINGS}): raise ValueError(f"unknown settings {bad}: expected some of {VIEW_SETTINGS + IMAGE_SETTINGS}")
+    params = json.loads(marker.read_text()); key, label = _rafdb_key(params, subset, name)
+    view = {k: v for k, v in settings.items() if k in VIEW_SETTINGS}
+    pic = synth_rafdb_picture(label, np.random.default_rng(key), tuple(params['original_size']), attributes=_rafdb_attributes(params, key), nuisance=view)
+    q = settings.get('jpeg') or pic['view']['jpeg']
+    def done(img, px): return degrade(img, settings.get('blur'), settings.get('resolution'), q, px)
+    return dict(pic, name=name, subset=subset, original=done(pic['original'], pic['pose']['scale']), aligned=done(pic['aligned'], 1.))
+
+# %% ../nbs/00b_synth.ipynb 114
 def _smooth(x): x = np.clip(x, 0, 1); return x*x*(3 - 2*x)
 
 def expression_plan(frames:int, # video length in frames
@@ -580,7 +705,7 @@ def frame_labels(shown:np.ndarray, level:np.ndarray) -> np.ndarray:
     "ABAW per-frame labels: the class drawn where it is at least half its apex intensity, else -1."
     return np.where(level >= .5, shown, -1)
 
-# %% ../nbs/00b_synth.ipynb 98
+# %% ../nbs/00b_synth.ipynb 117
 def _video_frames(rng, frames, classes, frame_size, size, expression_aus=None):
     "Yield (full frame or None, aligned crop, ABAW label, metadata) for each frame of one synthetic video; no full frames if `frame_size` is None."
     idt, view = sample_identity(rng), sample_view(rng)
@@ -601,7 +726,7 @@ def _video_frames(rng, frames, classes, frame_size, size, expression_aus=None):
         yield (full, render(idt, aus, v, aligned_transform(idt, aus, yaw, size), (size, size), rng), int(labels[t]),
                dict(shown=int(shown[t]), level=round(float(level[t]), 3), aus=json.dumps(aus), yaw=round(yaw, 3)))
 
-# %% ../nbs/00b_synth.ipynb 99
+# %% ../nbs/00b_synth.ipynb 118
 def make_synthetic_cexpr(root:str|Path, # folder to write (created if missing)
                          n_videos:int=7, # video i starts with class i % 7, so 7 videos cover every class
                          frames:int=48, # frames per video
@@ -636,7 +761,7 @@ def make_synthetic_cexpr(root:str|Path, # folder to write (created if missing)
         write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
     return _build_dataset(root, 'synthetic_cexpr.json', params, ('videos', 'cropped_aligned', 'annotations', 'synthetic_meta.csv'), build)
 
-# %% ../nbs/00b_synth.ipynb 104
+# %% ../nbs/00b_synth.ipynb 123
 def _affectnet_sample(cls:str, # an AffectNet class, e.g. 'Happy', 'Contempt', 'Non-Face'
                       rng:np.random.Generator,
                      ) -> dict:
@@ -661,14 +786,14 @@ def synth_affectnet_picture(cls:str, # an AffectNet class
     box = tuple(int(v) for v in np.r_[np.floor(np.maximum(corners.min(0), 0)), np.ceil(np.minimum(corners.max(0), (W, H)))])
     return dict(s, picture=img, box=box, landmarks68=transform_points(p['O'], face_landmarks_68(idt, aus, view['yaw'])), landmarks=p['landmarks'], pose=p['pose'])
 
-# %% ../nbs/00b_synth.ipynb 106
+# %% ../nbs/00b_synth.ipynb 125
 def _affectnet_line(name:str, pic:dict, va:np.ndarray) -> str:
     "One row of an AffectNet CSV file list."
     x0, y0, x1, y1 = pic['box']
     return ','.join([name, str(x0), str(y0), str(x1 - x0), str(y1 - y0), ';'.join(f'{v:.2f}' for v in pic['landmarks68'].ravel()),
                      str(AFFECTNET_CLASSES.index(pic['label'])), f'{va[0]:.6f}', f'{va[1]:.6f}'])
 
-# %% ../nbs/00b_synth.ipynb 108
+# %% ../nbs/00b_synth.ipynb 127
 def make_synthetic_affectnet(root:str|Path, # folder to write (created if missing)
                              n_train:int=66, # training.csv rows (the 11 classes in equal numbers, at least one each)
                              n_validation:int=33, # validation.csv rows
@@ -694,12 +819,12 @@ def make_synthetic_affectnet(root:str|Path, # folder to write (created if missin
         write_atomic(out/'synthetic_meta.csv', pd.DataFrame(rows).to_csv(index=False))
     return _build_dataset(root, 'synthetic_affectnet.json', params, ('Manually_Annotated_file_lists', 'Manually_Annotated_Images', 'synthetic_meta.csv'), build)
 
-# %% ../nbs/00b_synth.ipynb 112
+# %% ../nbs/00b_synth.ipynb 131
 def _affwild2_label(shown:int, level:float) -> int:
     "Aff-Wild2 label of a frame: the class drawn at half its apex or more, Neutral (0) at rest, -1 in between."
     return shown if level >= .5 else 0 if shown < 0 or level < .1 else -1
 
-# %% ../nbs/00b_synth.ipynb 114
+# %% ../nbs/00b_synth.ipynb 133
 def make_synthetic_affwild2(root:str|Path, # folder to write (created if missing)
                             n_videos:int=8, # video i shows non-neutral class 1 + i % 7 first
                             n_validation:int=2, # the last this many videos go to Validation_Set

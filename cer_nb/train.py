@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerState, TrainingArguments, PrinterCallba
 from transformers.trainer_utils import TrainOutput
 from .core import LABEL_SETS
 from .images import load_image
-from .prompts import PROMPT_VARIANTS, LAYOUTS
+from .prompts import PROMPT_VARIANTS, LAYOUTS, DEFAULT_LAYOUT
 from .lvlm import LORA_PRESETS
 from .model import load_lvlm, AnswerCollator, PreparedExamples, lora_config, merge_adapters, shared_prefix, shared_forward
 from .runs import LOG_HISTORY, CHECKPOINTS, TRAINER_STATE, ADAPTER_WEIGHTS, read_run_info, checkpoint_state
@@ -66,7 +66,7 @@ class StageConfig:
     init_from: str|None = None  # run directory of the previous stage (stage 2 starts from stage 1's adapter)
     init_mode: str = 'continue'  # 'continue' training that adapter, or 'merge' it into the base and add a new one
     variant: str = 'context'  # prompt variant (`cer_nb.prompts.PROMPT_VARIANTS`)
-    layout: str = 'image-first'  # prompt layout (`cer_nb.prompts.LAYOUTS`): 'context-first' puts the context before the image
+    layout: str = DEFAULT_LAYOUT  # prompt layout (`cer_nb.prompts.LAYOUTS`); 'image-first' for a checkpoint without a chat template
     lora_preset: str = 'lm'  # LoRA targets (`cer_nb.lvlm.LORA_PRESETS`)
     lora_r: int = 16  # LoRA rank (≥ 1)
     lora_alpha: int|None = None  # LoRA alpha (≥ 1; default 2*r)
