@@ -163,8 +163,9 @@ def prepare_data(root:Path, resolutions) -> dict:
                 if px != 100:  # aligned RAF-DB faces are 100x100: larger copies, lossless, read by both arms alike
                     d = root/f'compound_{px}'; d.mkdir(exist_ok=True)
                     rows['path'] = [str(d/(Path(p).stem + '.png')) for p in df.path]
-                    for src, dst in zip(df.path, rows.path):
-                        if not Path(dst).exists(): Image.open(src).convert('RGB').resize((px, px), Image.BILINEAR).save(dst)
+                    for src, dst in zip(df.path, rows.path):  # written whole or not at all: a killed run leaves no half image behind
+                        if not Path(dst).exists():
+                            Image.open(src).convert('RGB').resize((px, px), Image.BILINEAR).save(dst + '.tmp', format='PNG'); os.replace(dst + '.tmp', dst)
                 write_atomic(csv, rows.to_csv(index=False))
             out[f'{split}_{px}'] = str(csv)
     return out
