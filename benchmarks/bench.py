@@ -576,6 +576,7 @@ def main(argv=None):
                   wall_seconds=round(time.time() - t_start, 1),
                   settings=dict(device=a.device, family=a.family, model_size=a.model_size, **model_info,
                                 threads=a.threads, trials=trials, steps=steps, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
+                                layout=a.layout, variant=a.variant,
                                 adapter_steps=adapter_steps, lora=stage_lora(),
                                 data='synthetic RAF-DB compound (cer_nb.synth, seed 0): 560 train / 140 test, aligned 100x100',
                                 memory='peak resident set size of each measuring process (ru_maxrss, MB), includes Python, torch and the model'),
