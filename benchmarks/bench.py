@@ -68,14 +68,15 @@ def package_versions(*packages) -> dict:
         except PackageNotFoundError: out[pkg] = None
     return out
 
-def machine_info(device:str) -> dict:
-    "The machine, the code (commit, dirty flag) and the package versions a result was measured with."
+def machine_info(device:str, allow_dirty:bool=False) -> dict:
+    "The machine, the code (commit, dirty flag, code fingerprint) and the package versions a result was measured with; a dirty tree refused unless allowed."
     import torch
-    from cer_nb.runs import provenance
-    prov = provenance(HERE)  # the commit, its dirty flag and the library versions, as a run records them
+    from cer_nb.runs import require_clean
+    prov = require_clean(allow_dirty, 'the benchmark', HERE)  # the commit, its dirty flag and the library versions, as a run records them
     info = dict(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform(), device=device, gpu=None,
                 memory_gb=round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1),
-                versions={**prov['versions'], **package_versions('trl', 'datasets')}, git_commit=prov['git_commit'], git_dirty=prov['git_dirty'])
+                versions={**prov['versions'], **package_versions('trl', 'datasets')}, git_commit=prov['git_commit'], git_dirty=prov['git_dirty'],
+                dirty_files=prov.get('dirty_files'), allowed_dirty=prov.get('allowed_dirty'), code=prov.get('code'))
     if device == 'cuda' and torch.cuda.is_available(): info['gpu'] = torch.cuda.get_device_name(0)
     return info
 
@@ -484,6 +485,7 @@ def main(argv=None):
     p.add_argument('--tag', default=None, help='result file name (default: from the machine, family and size)')
     p.add_argument('--peak-tflops', type=float, default=None, help='GPU peak bf16 TFLOP/s for MFU (default: from the GPU name)')
     p.add_argument('--check-2b', action='store_true', help='only build the 2B config on the meta device and count parameters')
+    p.add_argument('--allow-dirty', action='store_true', help="measure although cer_nb's code differs from its git commit; the result file then says so")
     p.add_argument('--worker', help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -503,7 +505,9 @@ def main(argv=None):
     trials, steps, adapter_steps = a.trials or z['trials'], a.steps or z['steps'], a.adapter_steps or z['adapter_steps']
     parts = set((a.only or z['parts']).split(','))
     if parts - PARTS: p.error(f"--only {a.only}: unknown part(s) {', '.join(sorted(parts - PARTS))}; expected some of {', '.join(sorted(PARTS))}")
-    info = machine_info(a.device)
+    from cer_nb.runs import DirtyTreeError
+    try: info = machine_info(a.device, a.allow_dirty)
+    except DirtyTreeError as e: sys.exit(f"{e} (here: --allow-dirty)")
     tag = a.tag or machine_tag(info, a.family, '2b' if parts == {'2b'} else a.model_size, a.quick)
     work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
     t_start, load_start = time.time(), os.getloadavg()
