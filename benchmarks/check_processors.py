@@ -202,11 +202,6 @@ def _needed_versions() -> dict:
         except md.PackageNotFoundError: out[pkg] = None
     return out
 
-def _git() -> dict:
-    def git(*a): return subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True).stdout
-    dirty = [l for l in git('status', '--porcelain').splitlines() if l.strip()]
-    return dict(commit=git('rev-parse', 'HEAD').strip() or None, dirty=bool(dirty), dirty_paths=len(dirty))
-
 def _fmt(v, nd=4) -> str:
     if isinstance(v, bool): return 'same' if v else 'DIFFER'
     if isinstance(v, float): return f'{v:.{nd}g}' if v else '0'
@@ -237,11 +232,14 @@ def table(rows:list[dict]) -> str:
     md = ['| ' + ' | '.join(c.ljust(w[i]) for i, c in enumerate(l)) + ' |' for l in lines]
     return '\n'.join([md[0], '|' + '|'.join('-' * (x + 2) for x in w) + '|', *md[1:]])
 
-def main(out:Path=RESULT, keep:Path|None=None):
+def main(out:Path=RESULT, keep:Path|None=None, allow_dirty:bool=False):
     if importlib.util.find_spec('torchvision') is None:
         sys.exit('check_processors needs torchvision (the stock side); install it in its own venv: '
                  'pip install torch==2.14.1 torchvision==0.29.1 && pip install -e ".[dev]"')
     from cer_nb.core import write_json
+    from cer_nb.runs import require_clean, DirtyTreeError
+    try: prov = require_clean(allow_dirty, 'the processor check', ROOT)  # commit, changed files, code fingerprint
+    except DirtyTreeError as e: sys.exit(f"{e} (here: --allow-dirty)")
     t0 = time.time()
     work = Path(keep or tempfile.mkdtemp(prefix='check_processors_')); work.mkdir(parents=True, exist_ok=True)
     images = make_images(work)
@@ -261,13 +259,13 @@ def main(out:Path=RESULT, keep:Path|None=None):
                   how_image_only_was_forced=HIDE_TORCHVISION, command='python benchmarks/check_processors.py',
                   synthetic_note='replicas have random weights: their scores mean nothing as predictions; only the differences matter',
                   labels='rafdb_compound', images=[dict(name=i['name'], size=i['size']) for i in images],
-                  git=_git(), versions=_versions(), platform=platform.platform(), seconds=round(time.time() - t0, 1), rows=rows)
+                  **prov, versions={**prov['versions'], **_versions()}, platform=platform.platform(), seconds=round(time.time() - t0, 1), rows=rows)
     write_json(result, out)
     print(f'stock processor: torchvision importable; image-only: {HIDE_TORCHVISION}')
     print(table(rows))
     print(f"\n{sum(r.get('summary', {}).get('integer_inputs_identical', False) for r in rows)}/{len(rows)} with identical integer inputs; {result['seconds']} s; "
           f"torch {result['versions']['torch']}, torchvision {result['versions']['torchvision']}, transformers {result['versions']['transformers']}; "
-          f"commit {result['git']['commit']}{' (dirty)' if result['git']['dirty'] else ''}; written {out}")
+          f"commit {result['git_commit']}{' (dirty)' if result['git_dirty'] else ''}; written {out}")
     if not keep: shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -339,7 +337,8 @@ if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', type=Path, default=RESULT, help=f'result JSON (default {RESULT.relative_to(ROOT)})')
     p.add_argument('--keep', type=Path, default=None, help='keep the replicas, images and raw outputs in this folder')
+    p.add_argument('--allow-dirty', action='store_true', help="run although cer_nb's code differs from its git commit; the result then says so")
     p.add_argument('--worker', nargs=3, metavar=('SIDE', 'SPEC', 'OUT'), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker: worker(*a.worker)
-    else: main(a.out, a.keep)
+    else: main(a.out, a.keep, a.allow_dirty)
