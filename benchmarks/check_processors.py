@@ -259,7 +259,7 @@ def main(out:Path=RESULT, keep:Path|None=None, allow_dirty:bool=False):
                   how_image_only_was_forced=HIDE_TORCHVISION, command='python benchmarks/check_processors.py',
                   synthetic_note='replicas have random weights: their scores mean nothing as predictions; only the differences matter',
                   labels='rafdb_compound', images=[dict(name=i['name'], size=i['size']) for i in images],
-                  **prov, versions={**prov['versions'], **_versions()}, platform=platform.platform(), seconds=round(time.time() - t0, 1), rows=rows)
+                  **{**prov, 'versions': {**prov['versions'], **_versions()}}, platform=platform.platform(), seconds=round(time.time() - t0, 1), rows=rows)
     write_json(result, out)
     print(f'stock processor: torchvision importable; image-only: {HIDE_TORCHVISION}')
     print(table(rows))
